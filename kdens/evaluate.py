@@ -1,0 +1,45 @@
+"""``kdens evaluate``: test metrics of any finished run folder, by its stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdens.artifacts import read_manifest
+from kdens.data import load_dataset
+from kdens.errors import ArtifactError
+from kdens.generalist import evaluate_model
+from kdens.models import load_model
+
+# stage -> evaluator(run_dir, manifest) -> dict; later stages register theirs here via cli wiring
+EVALUATORS: dict = {}
+
+
+def _data_for(manifest: dict):
+    cfg = manifest["config"]
+    data = load_dataset(cfg["data"], val_fraction=cfg.get("val_fraction", 0.1),
+                        split_seed=cfg.get("split_seed", 0))
+    if data.fingerprint != manifest.get("data_fingerprint"):
+        raise ArtifactError(
+            f"the data behind {cfg['data']!r} changed since this run was made "
+            f"(fingerprint {data.fingerprint[:12]} != {str(manifest.get('data_fingerprint'))[:12]}); retrain"
+        )
+    return data
+
+
+def _evaluate_single(run_dir: Path, manifest: dict) -> dict:
+    data = _data_for(manifest)
+    model, spec = load_model(run_dir)
+    return {"stage": manifest["stage"], "run": str(run_dir), "model": spec["name"],
+            **evaluate_model(model, data)}
+
+
+EVALUATORS["generalist"] = _evaluate_single
+EVALUATORS["student"] = _evaluate_single
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    manifest = read_manifest(run_dir)
+    stage = manifest.get("stage")
+    if stage not in EVALUATORS:
+        raise ArtifactError(f"{run_dir}: cannot evaluate a '{stage}' stage; valid: {', '.join(EVALUATORS)}")
+    return EVALUATORS[stage](Path(run_dir), manifest)

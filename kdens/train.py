@@ -1,0 +1,412 @@
+"""The one supervised training loop every stage reuses (generalist, members, specialists, students).
+
+Data lives in memory (on the GPU when training there) and is batched by index, which
+avoids DataLoader overhead for data that fits. Stages swap the loss (``loss_fn``) and
+the batch composition (``sampler``); everything else — optimizer, schedule, max-norm,
+jitter, early stopping, checkpoint/resume, NaN detection, DDP — is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdens.errors import ConfigError, TrainingError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+Sampler = Callable[[int, torch.Generator], Iterable[torch.Tensor]]
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every stage."""
+
+    epochs: int = 20
+    """Number of passes over the training data."""
+    batch_size: int = 128
+    """Examples per optimisation step (global, summed over DDP ranks)."""
+    optimizer: str = "sgd"
+    """'sgd' (Nesterov momentum) or 'adamw'."""
+    lr: float | None = None
+    """Peak learning rate; default 0.05 for sgd, 1e-3 for adamw."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float | None = None
+    """L2 / decoupled weight decay; default 5e-4 for sgd, 1e-2 for adamw."""
+    schedule: str = "cosine"
+    """'cosine' (per step, to zero), 'step' (x gamma every step_size epochs) or 'none'."""
+    step_size: int = 10
+    """Epochs between decays for schedule='step'."""
+    gamma: float = 0.1
+    """Decay factor for schedule='step'."""
+    max_norm: float | None = None
+    """If set, clip each unit's incoming weight vector to this L2 norm after every step."""
+    jitter: int = 0
+    """Random translation of up to this many pixels per example (the paper's +-2 px)."""
+    patience: int | None = 10
+    """Stop after this many epochs without a lower validation loss; None disables."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling, jitter and dropout."""
+    eval_batch_size: int = 2048
+    """Batch size for validation passes."""
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size} must be >= 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"--optimizer {self.optimizer!r} unknown; valid: sgd, adamw")
+        if self.schedule not in ("cosine", "step", "none"):
+            raise ConfigError(f"--schedule {self.schedule!r} unknown; valid: cosine, step, none")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be > 0")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay} must be >= 0")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ConfigError(f"--max-norm {self.max_norm} must be > 0")
+        if self.jitter < 0:
+            raise ConfigError(f"--jitter {self.jitter} must be >= 0 pixels")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"--patience {self.patience} must be >= 1 (or unset to disable)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device!r} unknown; valid: auto, cpu, cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available here; use --device cpu or auto")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if self.optimizer == "sgd" else 1e-2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run reports; the model holds the best weights."""
+
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = float("nan")
+    stopped_early: bool = False
+    seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def jitter_batch(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by an independent random (dy, dx) in [-k, k]^2, zero-filling."""
+    if k <= 0:
+        return x
+    b, c, h, w = x.shape
+    shifts = torch.randint(-k, k + 1, (2, b), generator=gen, device=gen.device)
+    padded = F.pad(x, (k, k, k, k))  # (B, C, H+2k, W+2k)
+    rows = torch.arange(h, device=x.device)[None, :] + k - shifts[0][:, None].to(x.device)  # (B, H)
+    cols = torch.arange(w, device=x.device)[None, :] + k - shifts[1][:, None].to(x.device)  # (B, W)
+    bidx = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Rescale every unit's incoming weights to L2 norm <= max_norm (Srivastava et al. 2014)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                w = m.weight.view(m.weight.shape[0], -1)  # (out, fan_in)
+                norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                w.mul_(norms.clamp(max=max_norm) / norms)
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm parameters: decaying them only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.resolved_weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.resolved_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.resolved_lr)
+
+
+def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate for a (0-based) epoch and step; pure so resume needs no scheduler state."""
+    base = cfg.resolved_lr
+    if cfg.schedule == "cosine":
+        t = (epoch * steps_per_epoch + step) / max(1, cfg.epochs * steps_per_epoch)
+        return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return base * cfg.gamma ** (epoch // cfg.step_size)
+    return base
+
+
+def _ddp() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def default_sampler(n: int, batch_size: int) -> Sampler:
+    def sample(epoch: int, gen: torch.Generator) -> Iterable[torch.Tensor]:
+        perm = torch.randperm(n, generator=gen, device=gen.device)
+        return perm.split(batch_size)
+    return sample
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x, batch_size: int = 2048, device: torch.device | str | None = None,
+                   amp: bool = False) -> torch.Tensor:
+    """Logits (N, C) of ``model`` on ``x`` in eval mode, batched; returned as float32 on CPU."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    xt = torch.as_tensor(x)
+    outs = []
+    for i in range(0, len(xt), batch_size):
+        xb = xt[i: i + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            outs.append(model(xb).float().cpu())
+    model.train(was_training)
+    if not outs:
+        return torch.empty(0, 0)
+    return torch.cat(outs)
+
+
+def _evaluate(model, x, y, cfg, device, amp) -> tuple[float, float]:
+    if x is None or len(x) == 0:
+        return float("nan"), float("nan")
+    logits = predict_logits(model, x, cfg.eval_batch_size, device, amp)
+    yt = torch.as_tensor(y)
+    return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())
+
+
+def _state_copy(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainConfig | None = None, *,
+        loss_fn: LossFn | None = None, sampler: Sampler | None = None, ckpt_dir: Path | None = None,
+        resume: bool = False, run_key: str = "", progress: bool = True, desc: str = "train") -> TrainResult:
+    """Train ``model`` in place; on return it holds the weights of the best validation epoch.
+
+    Args:
+        x_train, y_train: training arrays (N, C, H, W) float32 and (N,) int64; y may be None
+            when ``loss_fn`` needs no labels (distillation on an unlabeled set).
+        x_val, y_val: validation arrays for early stopping (validation cross-entropy).
+        cfg: optimisation settings.
+        loss_fn: ``loss_fn(logits, xb, yb, idx) -> scalar``; default cross-entropy on yb.
+            ``idx`` are the batch's row indices into x_train (for cached soft targets) and
+            ``xb`` is the batch as the model saw it (after jitter, for online teachers).
+        sampler: ``sampler(epoch, generator) -> iterable of index batches``; default a
+            seeded shuffle split into ``batch_size`` chunks.
+        ckpt_dir: folder for ``checkpoint.pt``, written after every epoch.
+        resume: continue from ``ckpt_dir/checkpoint.pt``; the result equals an
+            uninterrupted run with the same settings.
+        run_key: fingerprint of everything that determines the run; a checkpoint made
+            under another key is refused rather than silently continued.
+        progress: show a progress bar (rank 0 only).
+        desc: label of the progress bar.
+    """
+    cfg = cfg or TrainConfig()
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    rank, world = _ddp()
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model.to(device)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    xt = torch.as_tensor(x_train).to(device)
+    yt = torch.as_tensor(y_train).to(device) if y_train is not None else None
+    if loss_fn is None:
+        if yt is None:
+            raise ConfigError("training without labels needs a loss_fn (e.g. distillation with --alpha 0)")
+        loss_fn = lambda logits, xb, yb, idx: F.cross_entropy(logits, yb)  # noqa: E731
+    n = len(xt)
+    sampler = sampler or default_sampler(n, cfg.batch_size)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    opt = _make_optimizer(model, cfg)
+    steps_per_epoch = sum(1 for _ in sampler(0, torch.Generator(device=device).manual_seed(cfg.seed)))
+
+    result = TrainResult()
+    best_state = _state_copy(model)
+    bad_epochs, start_epoch = 0, 0
+    ckpt_path = Path(ckpt_dir) / CHECKPOINT if ckpt_dir else None
+    if resume and ckpt_path and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ck.get("run_key", "") != run_key:
+            raise TrainingError(
+                f"{ckpt_path} was written by a run with other settings; delete it or use a new --out "
+                "to start over"
+            )
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["gen_state"].to("cpu") if device.type == "cpu" else ck["gen_state"].cpu())
+        torch.set_rng_state(ck["cpu_rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu())
+        best_state = ck["best_state"]
+        bad_epochs = int(ck["bad_epochs"])
+        start_epoch = int(ck["epoch"])
+        result.history = list(ck["history"])
+        result.best_epoch = int(ck["best_epoch"])
+        result.best_val_loss = float(ck["best_val_loss"])
+        result.resumed_from_epoch = start_epoch
+        result.seconds = float(ck["seconds"])
+        if ck.get("stopped", False):
+            result.stopped_early = True
+            start_epoch = cfg.epochs
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=desc, unit="epoch", dynamic_ncols=True,
+                   leave=True, mininterval=0.5)
+    check_every = 1 if device.type == "cpu" else 50  # each check syncs the GPU
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            net.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            pending: list[tuple[int, torch.Tensor]] = []
+            for step, idx in enumerate(sampler(epoch, gen)):
+                idx = idx.to(device)
+                if world > 1:
+                    if len(idx) < world:
+                        continue
+                    idx = idx[rank::world]
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, epoch, step, steps_per_epoch)
+                xb = jitter_batch(xt[idx], cfg.jitter, gen)
+                yb = yt[idx] if yt is not None else None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = net(xb)
+                loss = loss_fn(logits.float(), xb, yb, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if cfg.max_norm:
+                    apply_max_norm(model, cfg.max_norm)
+                d = loss.detach()
+                pending.append((step, d))
+                if len(pending) >= check_every:
+                    _check_finite(pending, epoch)
+                    pending.clear()
+                loss_sum += d * len(idx)
+                if yb is not None:
+                    correct += (logits.detach().argmax(1) == yb).sum()
+                seen += len(idx)
+            _check_finite(pending, epoch)
+            val_loss, val_acc = _evaluate(model, x_val, y_val, cfg, device, amp)
+            rec = {
+                "epoch": epoch + 1,
+                "train_loss": float(loss_sum) / max(1, seen),
+                "train_accuracy": float(correct) / max(1, seen) if yt is not None else None,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t_epoch,
+            }
+            result.history.append(rec)
+            improved = math.isnan(val_loss) or not (val_loss >= result.best_val_loss)
+            if improved:
+                result.best_val_loss, result.best_epoch, bad_epochs = val_loss, epoch + 1, 0
+                best_state = _state_copy(model)
+            else:
+                bad_epochs += 1
+            stop = cfg.patience is not None and not math.isnan(val_loss) and bad_epochs >= cfg.patience
+            result.seconds += rec["seconds"]
+            if ckpt_path and rank == 0:
+                _save_checkpoint(ckpt_path, model, opt, gen, best_state, bad_epochs, epoch + 1, result,
+                                 run_key, stop, device)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
+                                val_acc=f"{val_acc:.4f}", refresh=False)
+                bar.update(1)
+            if stop:
+                result.stopped_early = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    model.load_state_dict(best_state)
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int) -> None:
+    if not pending:
+        return
+    vals = torch.stack([v for _, v in pending])
+    bad = ~torch.isfinite(vals)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        step, value = pending[i][0], float(vals[i])
+        raise TrainingError(
+            f"loss became {value} at epoch {epoch + 1}, step {step + 1}; lower --lr, set --max-norm, "
+            "or check the inputs for NaN"
+        )
+
+
+def _save_checkpoint(path: Path, model, opt, gen, best_state, bad_epochs, epoch, result: TrainResult,
+                     run_key: str, stopped: bool, device: torch.device) -> None:
+    ck = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "gen_state": gen.get_state(),
+        "cpu_rng": torch.get_rng_state(),
+        "best_state": best_state,
+        "bad_epochs": bad_epochs,
+        "epoch": epoch,
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "seconds": result.seconds,
+        "run_key": run_key,
+        "stopped": stopped,
+    }
+    if device.type == "cuda":
+        ck["cuda_rng"] = torch.cuda.get_rng_state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
