@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from kdens import metrics as M
 from kdens.artifacts import MANIFEST, atomic_write_json, write_manifest
 from kdens.config import GeneralistConfig, to_dict
@@ -48,6 +50,7 @@ def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict,
     """
     x = data.x_train if x is None else x
     y = data.y_train if y is None else y
+    torch.manual_seed(train.seed)  # the run's seed also fixes the initial weights
     model = build_model(model_name, data.num_classes, data.input_shape, **model_args)
     spec = model_spec(model_name, data.num_classes, data.input_shape, model_args)
     key = run_key(spec, train.to_dict(), data.fingerprint, len(y), extra_key)
