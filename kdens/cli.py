@@ -173,12 +173,11 @@ def evaluate(run_dir: Path, out: Path | None):
 
 def _not_built(name: str, issue: str):
     @cli.command(name, context_settings={**_CONTEXT, "ignore_unknown_options": True},
-                 add_help_option=True)
+                 help=f"Not built yet: {issue}.", short_help=f"(not built yet: {issue})")
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def stub(args):
         click.echo(f"Error: 'kdens {name}' is not built yet ({issue}).", err=True)
         sys.exit(2)
-    stub.__doc__ = f"Not built yet: {issue}."
     return stub
 
 
