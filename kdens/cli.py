@@ -181,11 +181,20 @@ def _not_built(name: str, issue: str):
     return stub
 
 
+def _register() -> None:
+    # Stage commands live beside this module (one file per stage keeps each small); they
+    # import their stage lazily, so `kdens --help` stays fast.
+    from kdens.cli_deploy import deploy
+
+    cli.add_command(deploy)
+
+
+_register()
+
 _STUBS = {
     "train-ensemble": "teachers issue",
     "train-specialists": "teachers issue",
     "distill": "distillation issue",
-    "deploy": "deploy issue",
     "bench": "deploy issue",
     "run": "pipeline issue",
 }

@@ -14,7 +14,8 @@ from kdens.models import load_model
 EVALUATORS: dict = {}
 
 
-def _data_for(manifest: dict):
+def dataset_for_run(manifest: dict):
+    """The dataset a run was trained on, checked against the fingerprint in its manifest."""
     cfg = manifest["config"]
     data = load_dataset(cfg["data"], val_fraction=cfg.get("val_fraction", 0.1),
                         split_seed=cfg.get("split_seed", 0))
@@ -27,7 +28,7 @@ def _data_for(manifest: dict):
 
 
 def _evaluate_single(run_dir: Path, manifest: dict) -> dict:
-    data = _data_for(manifest)
+    data = dataset_for_run(manifest)
     model, spec = load_model(run_dir)
     return {"stage": manifest["stage"], "run": str(run_dir), "model": spec["name"],
             **evaluate_model(model, data)}

@@ -1,0 +1,75 @@
+"""``kdens deploy`` and ``kdens bench``: thin click wrappers over deploy/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kdens.cli import _CONTEXT
+
+_INTS = "comma-separated positive integers"
+
+
+@click.command("deploy", context_settings=_CONTEXT)
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="A finished generalist or student run folder.")
+@click.option("--target", required=True, type=click.Choice(["onnx", "tflite", "fpga"]), help="Export target.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "dynamic"]), default="none", show_default=True,
+              help="onnx/tflite precision: float, static int8 (calibrated), or dynamic int8 (ONNX MLPs).")
+@click.option("--precision", type=str, default=None,
+              help="fpga fixed-point type, e.g. 'ap_fixed<16,6>' or 'ap_fixed<8,3,AP_RND_CONV,AP_SAT>'.")
+@click.option("--sweep", type=str, default=None,
+              help="fpga: also report accuracy at these widths, e.g. '16,6;12,4;10,4;8,3'.")
+@click.option("--io", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="tflite int8: float I/O with int8 inside, or int8 in/out.")
+@click.option("--batch-sizes", default="1,32", show_default=True, help=f"Batch sizes to measure ({_INTS}).")
+@click.option("--threads", default=None, help=f"Thread counts to measure ({_INTS}) [1 and all cores].")
+@click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Calibration examples (seeded sample of the training split).")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Budget for batch-1, single-thread p90 latency; exit 1 if missed.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
+              help="Budget in accuracy points below PyTorch float; exit 1 if missed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Deploy folder; this export goes to OUT/<target>-<precision>/.")
+def deploy(model_dir, target, quantize, precision, sweep, io, batch_sizes, threads, calib_size,
+           max_latency_ms, max_accuracy_drop, seed, out):
+    """Export a trained model, check it on the runtime that will run it, and gate it.
+
+    \b
+    Every export is checked: structure, parity with PyTorch on real test inputs, test
+    accuracy, and latency p50/p90/p99 per batch size and thread count. Exit 0 when all
+    gates pass, 1 when a gate fails (the artifact is kept), 2 on bad input.
+    \b
+    Examples:
+      kdens deploy --model runs/fm/student --target onnx --quantize int8 \\
+          --max-latency-ms 0.5 --max-accuracy-drop 0.5 --out runs/fm/deploy
+      kdens deploy --model runs/fm/student --target tflite --quantize int8 --batch-sizes 1,32 --out runs/fm/deploy
+      kdens deploy --model runs/fm/student --target fpga --precision 'ap_fixed<16,6>' --out runs/fm/deploy
+    """
+    from deploy import stage
+    from deploy.common import DeployOptions
+
+    kw = dict(quantize=quantize, batch_sizes=batch_sizes, io=io, calib_size=calib_size,
+              max_latency_ms=max_latency_ms, max_accuracy_drop=max_accuracy_drop, seed=seed)
+    if threads:
+        kw["threads"] = threads
+    opts = DeployOptions(**kw)
+    sweep_widths = _parse_sweep(sweep) if sweep else None
+    out_dir, report = stage.run(model_dir, target, opts, out, precision=precision, sweep=sweep_widths)
+    click.echo((out_dir / "report.md").read_text())
+
+
+def _parse_sweep(text: str) -> list[tuple[int, int]]:
+    from kdens.errors import ConfigError
+
+    try:
+        pairs = [tuple(int(v) for v in p.split(",")) for p in text.split(";") if p.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"--sweep {text!r} must be W,I pairs separated by ';', e.g. '16,6;12,4;8,3'")
+    return pairs  # type: ignore[return-value]
