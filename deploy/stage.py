@@ -33,7 +33,8 @@ def precision_tag(target: str, opts: DeployOptions, precision: str | None) -> st
 
 
 def run(model_dir: Path, target: str, opts: DeployOptions, out_root: Path, *,
-        precision: str | None = None, sweep: list | None = None) -> tuple[Path, dict]:
+        precision: str | None = None, sweep: list | None = None,
+        min_agreement: float | None = None) -> tuple[Path, dict]:
     """Deploy ``model_dir`` to ``target`` under ``out_root``; returns (folder, report).
 
     Raises:
@@ -45,8 +46,9 @@ def run(model_dir: Path, target: str, opts: DeployOptions, out_root: Path, *,
 
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r} unknown; valid: {', '.join(TARGETS)}")
-    if precision is not None and target != "fpga":
-        raise ConfigError("--precision applies to --target fpga only; use --quantize for onnx/tflite")
+    if (precision is not None or sweep or min_agreement is not None) and target != "fpga":
+        raise ConfigError("--precision, --sweep and --min-agreement apply to --target fpga only; "
+                          "use --quantize for onnx/tflite")
     if target == "fpga" and opts.quantize != "none":
         raise ConfigError("--quantize applies to onnx/tflite; for --target fpga choose --precision ap_fixed<W,I>")
     t0 = time.time()
@@ -60,7 +62,7 @@ def run(model_dir: Path, target: str, opts: DeployOptions, out_root: Path, *,
     arrays = DeployData(x_calib=data.x_train, x_test=data.x_test, y_test=data.y_test)
     if target == "fpga":
         report = module.deploy(model, arrays, opts, out_dir, precision=precision or DEFAULT_FPGA_PRECISION,
-                               sweep=sweep)
+                               sweep=sweep, min_agreement=min_agreement)
     else:
         report = module.deploy(model, arrays, opts, out_dir)
     report["model_run"] = str(model_dir)

@@ -22,6 +22,8 @@ _INTS = "comma-separated positive integers"
               help="fpga fixed-point type, e.g. 'ap_fixed<16,6>' or 'ap_fixed<8,3,AP_RND_CONV,AP_SAT>'.")
 @click.option("--sweep", type=str, default=None,
               help="fpga: also report accuracy at these widths, e.g. '16,6;12,4;10,4;8,3'.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="fpga: fail when the C simulation's top-1 agreement with PyTorch is below this [0.9].")
 @click.option("--io", type=click.Choice(["float", "int8"]), default="float", show_default=True,
               help="tflite int8: float I/O with int8 inside, or int8 in/out.")
 @click.option("--batch-sizes", default="1,32", show_default=True, help=f"Batch sizes to measure ({_INTS}).")
@@ -35,7 +37,7 @@ _INTS = "comma-separated positive integers"
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Deploy folder; this export goes to OUT/<target>-<precision>/.")
-def deploy(model_dir, target, quantize, precision, sweep, io, batch_sizes, threads, calib_size,
+def deploy(model_dir, target, quantize, precision, sweep, min_agreement, io, batch_sizes, threads, calib_size,
            max_latency_ms, max_accuracy_drop, seed, out):
     """Export a trained model, check it on the runtime that will run it, and gate it.
 
@@ -59,7 +61,8 @@ def deploy(model_dir, target, quantize, precision, sweep, io, batch_sizes, threa
         kw["threads"] = threads
     opts = DeployOptions(**kw)
     sweep_widths = _parse_sweep(sweep) if sweep else None
-    out_dir, report = stage.run(model_dir, target, opts, out, precision=precision, sweep=sweep_widths)
+    out_dir, report = stage.run(model_dir, target, opts, out, precision=precision, sweep=sweep_widths,
+                                min_agreement=min_agreement)
     click.echo((out_dir / "report.md").read_text())
 
 
