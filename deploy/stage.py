@@ -29,7 +29,9 @@ def precision_tag(target: str, opts: DeployOptions, precision: str | None) -> st
         from deploy.fpga_precision import parse_precision
 
         return parse_precision(precision or DEFAULT_FPGA_PRECISION).tag
-    return {"none": "float", "int8": "int8", "dynamic": "dynamic"}[opts.quantize]
+    tag = {"none": "float", "int8": "int8", "dynamic": "dynamic"}[opts.quantize]
+    # int8 in/out is a different file from float I/O around int8: keep both side by side
+    return tag + "-int8io" if target == "tflite" and opts.io == "int8" else tag
 
 
 def run(model_dir: Path, target: str, opts: DeployOptions, out_root: Path, *,

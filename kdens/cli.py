@@ -184,9 +184,10 @@ def _not_built(name: str, issue: str):
 def _register() -> None:
     # Stage commands live beside this module (one file per stage keeps each small); they
     # import their stage lazily, so `kdens --help` stays fast.
-    from kdens.cli_deploy import deploy
+    from kdens.cli_deploy import bench_cmd, deploy
 
     cli.add_command(deploy)
+    cli.add_command(bench_cmd)
 
 
 _register()
@@ -195,7 +196,6 @@ _STUBS = {
     "train-ensemble": "teachers issue",
     "train-specialists": "teachers issue",
     "distill": "distillation issue",
-    "bench": "deploy issue",
     "run": "pipeline issue",
 }
 for _name, _issue in _STUBS.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import click
@@ -35,10 +35,13 @@ _INTS = "comma-separated positive integers"
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
               help="Budget in accuracy points below PyTorch float; exit 1 if missed.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
+@click.option("--tflite-runtime-venv", default=None, metavar="PATH|none",
+              help="Venv for the tflite-runtime 2.14 cross-check, made on first use "
+                   "[$KDENS_TFLITE_RUNTIME_VENV or ~/.cache/kdens/venv-tflite-runtime]; 'none' skips it.")
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Deploy folder; this export goes to OUT/<target>-<precision>/.")
 def deploy(model_dir, target, quantize, precision, sweep, min_agreement, io, batch_sizes, threads, calib_size,
-           max_latency_ms, max_accuracy_drop, seed, out):
+           max_latency_ms, max_accuracy_drop, seed, tflite_runtime_venv, out):
     """Export a trained model, check it on the runtime that will run it, and gate it.
 
     \b
@@ -59,6 +62,9 @@ def deploy(model_dir, target, quantize, precision, sweep, min_agreement, io, bat
               max_latency_ms=max_latency_ms, max_accuracy_drop=max_accuracy_drop, seed=seed)
     if threads:
         kw["threads"] = threads
+    venv = tflite_runtime_venv or os.environ.get("KDENS_TFLITE_RUNTIME_VENV") or str(
+        Path.home() / ".cache" / "kdens" / "venv-tflite-runtime")
+    kw["tflite_runtime_venv"] = None if venv.lower() == "none" else str(Path(venv).expanduser().absolute())
     opts = DeployOptions(**kw)
     sweep_widths = _parse_sweep(sweep) if sweep else None
     out_dir, report = stage.run(model_dir, target, opts, out, precision=precision, sweep=sweep_widths,
@@ -76,3 +82,34 @@ def _parse_sweep(text: str) -> list[tuple[int, int]]:
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ConfigError(f"--sweep {text!r} must be W,I pairs separated by ';', e.g. '16,6;12,4;8,3'")
     return pairs  # type: ignore[return-value]
+
+
+@click.command("bench", context_settings=_CONTEXT)
+@click.argument("deploy_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--threads", default="1", show_default=True, help=f"Thread counts to measure ({_INTS}).")
+@click.option("--batch-sizes", default="1,32", show_default=True, help=f"Batch sizes to measure ({_INTS}).")
+@click.option("--import", "imports", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Merge a device's edge_runner result JSON into the table (repeatable).")
+@click.option("--bundle", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write a self-contained .tar.gz to run on a Pi/phone-class device.")
+@click.option("--no-measure", is_flag=True, help="Use the latencies recorded at deploy time instead of re-timing.")
+def bench_cmd(deploy_dir, threads, batch_sizes, imports, bundle, no_measure):
+    """One table across everything deployed in DEPLOY_DIR, with the accuracy/latency Pareto front.
+
+    \b
+    Every ONNX/TFLite artifact and the PyTorch eager baseline are timed side by side in
+    this process; writes bench.json, bench.md and bench.png into DEPLOY_DIR.
+    \b
+    Examples:
+      kdens bench runs/fm/deploy --threads 1,2 --batch-sizes 1,32
+      kdens bench runs/fm/deploy --bundle edge.tar.gz
+      kdens bench runs/fm/deploy --no-measure --import pi-results.json
+    """
+    from deploy import bench_stage
+
+    paths = bench_stage.run(deploy_dir, threads, batch_sizes, imports=imports, bundle=bundle,
+                            measure=not no_measure)
+    click.echo(Path(paths["md"]).read_text())
+    if "bundle" in paths:
+        click.echo(f"bundle: {paths['bundle']}  (on the device: tar xzf it, then "
+                   "python3 edge_runner.py --bundle . --out result.json)")

@@ -1,0 +1,197 @@
+"""Latency measurement: percentiles over timed runs, CPU pinning, and a memory-bandwidth bound.
+
+What is timed is one call of the runtime on an already prepared batch (inputs converted,
+session built), the way a serving loop calls it; conversion of inputs is not timed.
+Thread counts are set on the runtime (ORT ``intra_op_num_threads``, LiteRT
+``num_threads``, ``torch.set_num_threads`` for eager PyTorch); the process is also pinned
+to that many CPUs with ``os.sched_setaffinity`` where the OS allows it, so that
+single-thread numbers do not migrate between cores.
+
+For MLPs at batch 1 the lower bound on latency is reading every weight once from
+memory: ``weight bytes / bandwidth`` (``latency_bound_ms``). It is only a bound when the
+weights do not fit in the last-level cache; small students do fit, and runtimes beat it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdens.errors import ConfigError
+
+
+def measure(run_fn: Callable[[np.ndarray], Any], x_batch: np.ndarray, warmup: int = 10,
+            min_runs: int = 50, min_seconds: float = 0.5, max_runs: int = 100_000) -> dict:
+    """Time ``run_fn(x_batch)`` repeatedly and return latency percentiles in milliseconds.
+
+    Runs ``warmup`` untimed calls, then timed calls until both ``min_runs`` calls and
+    ``min_seconds`` seconds are reached (or ``max_runs``). Each call is timed on its own with
+    ``time.perf_counter_ns``.
+
+    Returns:
+        ``{"p50", "p90", "p99", "mean", "min", "runs"}`` (ms, except runs).
+    """
+    if min_runs < 1:
+        raise ConfigError(f"min_runs={min_runs} must be >= 1")
+    for _ in range(warmup):
+        run_fn(x_batch)
+    times: list[int] = []
+    deadline = time.perf_counter_ns() + int(min_seconds * 1e9)
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter_ns() < deadline):
+        t0 = time.perf_counter_ns()
+        run_fn(x_batch)
+        times.append(time.perf_counter_ns() - t0)
+    ms = np.asarray(times, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()),
+            "min": float(ms.min()), "runs": len(times)}
+
+
+def latency_key(batch_size: int, threads: int) -> str:
+    """Key of one measurement in ``report["latency_ms"]``, e.g. ``b1_t1``."""
+    return f"b{batch_size}_t{threads}"
+
+
+@contextlib.contextmanager
+def pinned(n_threads: int) -> Iterator[list[int] | None]:
+    """Pin this process to the first ``n_threads`` CPUs it may use; restore on exit.
+
+    Yields the CPU list, or None where affinity cannot be set (macOS, containers that
+    forbid it) — measurements then run unpinned.
+    """
+    try:
+        before = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        yield None
+        return
+    cpus = sorted(before)[:max(1, n_threads)]
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        yield None
+        return
+    try:
+        yield cpus
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def batch_of(x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The first ``batch_size`` rows of ``x``, tiled if ``x`` is shorter."""
+    reps = -(-batch_size // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size] if reps > 1 else x[:batch_size])
+
+
+def latency_grid(make_run_fn: Callable[[int, int], Callable[[np.ndarray], Any]], x: np.ndarray,
+                 batch_sizes: tuple[int, ...], threads: tuple[int, ...], *, warmup: int = 10,
+                 min_runs: int = 50, min_seconds: float = 0.5,
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, dict]:
+    """Measure every (batch size, thread count) pair.
+
+    Args:
+        make_run_fn: ``(batch_size, threads) -> run_fn``; builds the session/interpreter
+            with that many threads (called while the process is pinned).
+        x: Real inputs; batches are their first rows.
+        batch_sizes: Batch sizes to measure.
+        threads: Thread counts to measure.
+        warmup: Untimed calls per pair.
+        min_runs: Timed calls at least per pair.
+        min_seconds: Timed seconds at least per pair.
+        prepare: Optional conversion of a float batch into what ``run_fn`` takes (e.g. int8).
+
+    Returns:
+        ``(latency_ms, env)``: ``{"b1_t1": {"p50", ...}, ...}`` and
+        ``{"pinned_cpus": {"t1": [0], ...}, "cpu_count": n}``.
+    """
+    out: dict[str, dict] = {}
+    pins: dict[str, list[int] | None] = {}
+    for t in threads:
+        with pinned(t) as cpus:
+            pins[f"t{t}"] = cpus
+            for bs in batch_sizes:
+                xb = batch_of(x, bs)
+                if prepare is not None:
+                    xb = prepare(xb)
+                run_fn = make_run_fn(bs, t)
+                out[latency_key(bs, t)] = measure(run_fn, xb, warmup, min_runs, min_seconds)
+    return out, {"pinned_cpus": pins, "cpu_count": os.cpu_count()}
+
+
+def _last_level_cache_bytes() -> int:
+    """Size of cpu0's largest cache from sysfs (Linux); 32 MiB if unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        txt = f.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        try:
+            sizes.append(int(txt.rstrip("KMG")) * mult)
+        except ValueError:
+            pass
+    return max(sizes, default=32 << 20)
+
+
+@functools.lru_cache(maxsize=4)
+def memory_bandwidth_gbps(size_mb: int | None = None, repeats: int = 3) -> float:
+    """Streaming memory bandwidth in GB/s from a numpy copy of a buffer far larger than cache.
+
+    ``np.copyto`` of an n-byte buffer reads n and writes n bytes, so bandwidth is
+    ``2 n / t`` with t the best of ``repeats`` copies. The buffer is 8x the last-level
+    cache (64-512 MiB) unless ``size_mb`` is given. Cached per process (~0.3 s).
+    """
+    if size_mb is None:
+        size_mb = min(512, max(64, 8 * _last_level_cache_bytes() >> 20))
+    n = size_mb * (1 << 20) // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in before timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        np.copyto(dst, src)
+        best = min(best, (time.perf_counter_ns() - t0) / 1e9)
+    return 2 * src.nbytes / best / 1e9
+
+
+def latency_bound_ms(weight_bytes: int, bandwidth_gbps: float | None = None) -> dict:
+    """Lower bound on batch-1 latency from streaming ``weight_bytes`` once from DRAM.
+
+    Only a bound when the weights do not stay in the last-level cache between calls
+    (``weights_fit_in_cache`` False); an int8 784-800-800-10 MLP (1.3 MB) fits in a 32 MB
+    L3, and a warm runtime then beats the DRAM number.
+
+    Returns ``{"latency_bound_ms", "weight_bytes", "bandwidth_gbps", "cache_bytes",
+    "weights_fit_in_cache"}``.
+    """
+    bw = memory_bandwidth_gbps() if bandwidth_gbps is None else bandwidth_gbps
+    llc = _last_level_cache_bytes()
+    return {"latency_bound_ms": weight_bytes / (bw * 1e9) * 1e3, "weight_bytes": int(weight_bytes),
+            "bandwidth_gbps": bw, "cache_bytes": llc, "weights_fit_in_cache": weight_bytes <= llc}
+
+
+def torch_latency(model, x: np.ndarray, batch_sizes: tuple[int, ...], threads: tuple[int, ...],
+                  **kw: Any) -> tuple[dict, dict]:
+    """Eager PyTorch latency grid (``torch.set_num_threads``), the baseline the exports beat."""
+    import torch
+
+    model = model.eval()
+    before = torch.get_num_threads()
+
+    def make(bs: int, t: int):
+        torch.set_num_threads(t)
+
+        def run(xb: np.ndarray):
+            with torch.inference_mode():
+                return model(torch.from_numpy(xb))
+        return run
+
+    try:
+        return latency_grid(make, x, batch_sizes, threads, **kw)
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,71 @@
+"""``kdens deploy`` / ``kdens bench`` end to end through the CLI with real ONNX Runtime."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kdens.cli import cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy") / "gen"
+    r = CliRunner().invoke(cli, ["train-generalist", "--data", "digits", "--model", "mlp", "--model-arg", "hidden=32",
+                                 "--epochs", "6", "--batch-size", "64", "--quiet", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _deploy(*args):
+    return CliRunner().invoke(cli, ["deploy", *args, "--threads", "1", "--tflite-runtime-venv", "none"])
+
+
+def test_deploy_onnx_int8_passes_gates_then_bench(trained, tmp_path):
+    out = tmp_path / "deploy"
+    r = _deploy("--model", str(trained), "--target", "onnx", "--quantize", "int8", "--batch-sizes", "1",
+                "--max-accuracy-drop", "5", "--max-latency-ms", "1000", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    folder = out / "onnx-int8"
+    assert {"model.onnx", "report.json", "report.md", "manifest.json"} <= {p.name for p in folder.iterdir()}
+    rep = json.loads((folder / "report.json").read_text())
+    for key in ("float_accuracy", "accuracy", "agreement", "max_abs_diff", "size_bytes", "latency_ms", "gates"):
+        assert key in rep
+    assert rep["gates"]["accuracy_drop_points"]["passed"] and rep["gates"]["latency_b1_p90_ms"]["passed"]
+    # a 2k-parameter net: graph overhead dominates, so only "smaller" is asserted here
+    assert rep["agreement"] > 0.95 and rep["size_bytes"] < rep["float_size_bytes"]
+    assert json.loads((folder / "manifest.json").read_text())["stage"] == "deploy"
+
+    r = CliRunner().invoke(cli, ["bench", str(out), "--threads", "1", "--batch-sizes", "1"])
+    assert r.exit_code == 0, r.output
+    bench = json.loads((out / "bench.json").read_text())
+    names = {row["name"] for row in bench["rows"]}
+    assert names == {"onnx-int8", "pytorch-float"}
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_latency_gate_exits_1_and_keeps_artifact(trained, tmp_path):
+    out = tmp_path / "deploy"
+    r = _deploy("--model", str(trained), "--target", "onnx", "--batch-sizes", "1", "--max-latency-ms", "0.000001",
+                "--out", str(out))
+    assert r.exit_code == 1, r.output
+    assert "over the 1e-06 ms budget by" in r.output
+    rep = json.loads((out / "onnx-float" / "report.json").read_text())
+    assert rep["gates"]["latency_b1_p90_ms"]["passed"] is False and rep["verdict"] == "fail"
+    assert (out / "onnx-float" / "model.onnx").exists() and (out / "onnx-float" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", "onnx", "--precision", "ap_fixed<8,3>"], "--precision"),
+    (["--target", "fpga", "--precision", "fixed16"], "--precision"),
+    (["--target", "onnx", "--batch-sizes", "0"], "--batch-sizes"),
+    (["--target", "onnx", "--quantize", "int8", "--io", "int8", "--batch-sizes", "x"], "--batch-sizes"),
+])
+def test_bad_deploy_input_exits_2(trained, tmp_path, args, message):
+    r = _deploy("--model", str(trained), *args, "--out", str(tmp_path / "d"))
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_deploy_needs_a_finished_run(tmp_path):
+    r = _deploy("--model", str(tmp_path / "nothing"), "--target", "onnx", "--out", str(tmp_path / "d"))
+    assert r.exit_code == 2 and "does not exist" in r.output
