@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 
 from kdens import __version__
+from kdens.cli_common import (_CONTEXT, _RUN_KEYS, _layers, _print_metrics, data_options,  # noqa: F401
+                               model_options, run_options, train_options)
 from kdens.errors import GateFailed, KdensError
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class _Group(click.Group):
@@ -40,87 +41,6 @@ def cli():
       kdens train-generalist --data digits --model mlp --out runs/d/generalist
       kdens evaluate runs/d/generalist
     """
-
-
-# ------------------------------------------------------------------ shared options
-
-def train_options(f):
-    """Flags of the shared training loop; each overrides the config file when given."""
-    opts = [
-        click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training data [20]."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Examples per step [128]."),
-        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Optimizer [sgd]."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True),
-                     help="Peak learning rate [0.05 sgd, 1e-3 adamw]."),
-        click.option("--momentum", type=click.FloatRange(0, 1), help="SGD momentum [0.9]."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), help="Weight decay [5e-4 sgd, 1e-2 adamw]."),
-        click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), help="LR schedule [cosine]."),
-        click.option("--max-norm", type=click.FloatRange(min=0, min_open=True),
-                     help="Max L2 norm of each unit's incoming weights [off]."),
-        click.option("--jitter", type=click.IntRange(min=0), help="Random translation, pixels [0]."),
-        click.option("--patience", type=click.IntRange(min=1), help="Early-stopping patience, epochs [10]."),
-        click.option("--device", type=str, help="auto, cpu or cuda [auto]."),
-        click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [on]."),
-        click.option("--seed", type=int, help="Seed for init, shuffling, jitter, dropout [0]."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def data_options(f):
-    opts = [
-        click.option("--data", type=str,
-                     help="digits, fashion-mnist, a folder of IDX files, or an .npz [digits]."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
-                     help="Validation share of the training set [0.1]."),
-        click.option("--split-seed", type=int, help="Seed of the validation split [0]."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def model_options(f):
-    f = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
-                     help="Model argument, repeatable: hidden=1200,1200 dropout=0.5.")(f)
-    return click.option("--model", type=str, help="mlp, cnn, lenet5 or package.module:factory.")(f)
-
-
-def run_options(f):
-    opts = [
-        click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
-                     help="TOML file with the same keys as the flags; flags override it."),
-        click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Run folder to write."),
-        click.option("--resume", is_flag=True, help="Continue an interrupted run in --out."),
-        click.option("--force", is_flag=True, help="Overwrite a finished run in --out."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-_RUN_KEYS = ("config_file", "out", "resume", "force", "quiet")
-
-
-def _layers(config_file: Path | None, names: tuple[str, ...], flags: dict) -> tuple[dict, dict, Path | None]:
-    """(file layer, flag layer, out) for config.build; flags left unset are dropped."""
-    from kdens.config import load_toml, section
-
-    file_layer = section(load_toml(config_file), names) if config_file else {}
-    out = flags.pop("out", None) or file_layer.pop("out", None)
-    flag_layer = {k: v for k, v in flags.items() if v is not None and v != () and k not in _RUN_KEYS}
-    if not out:
-        raise click.UsageError("--out is required (or 'out' in the config file)")
-    return file_layer, flag_layer, Path(out)
-
-
-def _print_metrics(run_dir: Path, keys=("test_accuracy", "test_errors", "val_accuracy", "train_seconds")):
-    m = json.loads((run_dir / "metrics.json").read_text())
-    shown = "  ".join(f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}"
-                      for k in keys if k in m)
-    click.echo(f"{run_dir}: {shown}")
 
 
 # ------------------------------------------------------------------ commands
@@ -185,7 +105,9 @@ def _register() -> None:
     # Stage commands live beside this module (one file per stage keeps each small); they
     # import their stage lazily, so `kdens --help` stays fast.
     from kdens.cli_deploy import bench_cmd, deploy
+    from kdens.cli_distill import distill
 
+    cli.add_command(distill)
     cli.add_command(deploy)
     cli.add_command(bench_cmd)
 
@@ -195,7 +117,6 @@ _register()
 _STUBS = {
     "train-ensemble": "teachers issue",
     "train-specialists": "teachers issue",
-    "distill": "distillation issue",
     "run": "pipeline issue",
 }
 for _name, _issue in _STUBS.items():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kdens.cli import _CONTEXT
+from kdens.cli_common import _CONTEXT
 
 _INTS = "comma-separated positive integers"
 

@@ -234,7 +234,6 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
         desc: label of the progress bar.
     """
     cfg = cfg or TrainConfig()
-    t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
     rank, world = _ddp()

@@ -1,0 +1,238 @@
+"""Stage ``distill``: train a small student on a teacher's soft targets (Hinton et al. 2015).
+
+Reads the teacher run folder(s), picks the transfer set, gets the teacher's scores over
+it (from the soft-target cache, or online under jitter), trains with
+``kdens.train.fit`` and the distillation loss, optionally fixes the omitted classes'
+biases, and writes ``model.safetensors``, ``model.json``, ``metrics.json``,
+``history.json`` and ``manifest.json`` (last) into the student's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.cache import cache_key
+from distill.config import DistillConfig
+from distill.losses import make_loss
+from distill.loop import (agree, cached_loss_fn, cached_targets, distributed, init_distributed,
+                          online_loss_fn, output_head, shift_bias)
+from distill.teachers import Teacher, cache_options, load_teacher, split_teacher_spec, teacher_log_probs
+from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratified_fraction
+from kdens import metrics as M
+from kdens.artifacts import MANIFEST, atomic_write_json, read_manifest, sha256_file, write_manifest
+from kdens.config import to_dict
+from kdens.data import Dataset, load_dataset, load_unlabeled
+from kdens.errors import ConfigError, DataError, KdensError
+from kdens.generalist import evaluate_model, prepare_run_dir, run_key
+from kdens.models import build_model, count_params, load_model, model_spec, save_model
+from kdens.train import CHECKPOINT, fit, predict_logits, resolve_device
+
+STUDENT_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
+
+
+def default_cache_dir(run_dir: Path) -> Path:
+    """``runs/<exp>/soft_targets`` for a student in ``runs/<exp>/<name>``: found by every student."""
+    return Path(run_dir).parent / "soft_targets"
+
+
+def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """The transfer set's inputs, labels (None if unlabeled) and a description for the manifest."""
+    if spec.kind == "val":
+        x, y = data.x_val, data.y_val
+        if len(y) == 0:
+            raise ConfigError("--transfer val needs a validation split; set --val-fraction > 0")
+    elif spec.kind == "fraction":
+        keep = stratified_fraction(data.y_train, spec.fraction, seed)
+        x, y = data.x_train[keep], data.y_train[keep]
+    elif spec.kind == "omit":
+        keep = omit_classes(data.y_train, spec.classes, num_classes=data.num_classes)
+        x, y = data.x_train[keep], data.y_train[keep]
+    elif spec.kind == "unlabeled":
+        x, y = load_unlabeled(Path(spec.path)), None
+        if tuple(x.shape[1:]) != tuple(data.input_shape):
+            raise DataError(f"--transfer {spec}: images are {tuple(x.shape[1:])}, the data's are "
+                            f"{tuple(data.input_shape)}; they must match the teacher's inputs")
+        if len(x) == 0:
+            raise DataError(f"--transfer {spec}: the file holds no images")
+    else:
+        x, y = data.x_train, data.y_train
+    info = {"spec": str(spec), "examples": int(len(x)), "labeled": y is not None}
+    if spec.kind == "unlabeled":
+        info["sha256"] = sha256_file(Path(spec.path))
+    return x, y, info
+
+
+def _resolve_data(cfg: DistillConfig, teacher: Teacher) -> DistillConfig:
+    """Fill data / val_fraction / split_seed left unset with the teacher's own."""
+    tdc = teacher.data_config
+    return dataclasses.replace(
+        cfg,
+        data=cfg.data if cfg.data is not None else str(tdc.get("data", "digits")),
+        val_fraction=cfg.val_fraction if cfg.val_fraction is not None else float(tdc.get("val_fraction", 0.1)),
+        split_seed=cfg.split_seed if cfg.split_seed is not None else int(tdc.get("split_seed", 0)),
+    )
+
+
+def _check_compatible(teacher: Teacher, data: Dataset, what: str = "the teacher") -> None:
+    if teacher.num_classes != data.num_classes or tuple(teacher.input_shape) != tuple(data.input_shape):
+        raise DataError(
+            f"{what} predicts {teacher.num_classes} classes from inputs {tuple(teacher.input_shape)}, but "
+            f"--data {data.name} has {data.num_classes} classes of {tuple(data.input_shape)}; "
+            "distill on data of the teacher's kind (or leave --data unset to use the teacher's)"
+        )
+
+
+def _baseline_errors(run_dir: Path, data: Dataset, batch_size: int) -> tuple[int, str]:
+    """Test errors of a hard-label run on this data's test split, and its manifest's sha256."""
+    read_manifest(run_dir, ("generalist", "student"))
+    model, spec = load_model(run_dir)
+    if spec["num_classes"] != data.num_classes or tuple(spec["input_shape"]) != tuple(data.input_shape):
+        raise DataError(f"--baseline {run_dir} was trained for {spec['num_classes']} classes of "
+                        f"{tuple(spec['input_shape'])}, not this data's {data.num_classes} of {data.input_shape}")
+    errors = M.errors(predict_logits(model, data.x_test, batch_size).numpy(), data.y_test)
+    return errors, sha256_file(run_dir / MANIFEST)
+
+
+def run(cfg: DistillConfig, run_dir: Path, *, resume: bool = False, force: bool = False,
+        progress: bool = True) -> Path:
+    """Distill the teacher named by ``cfg`` into a student in ``run_dir`` and return the folder.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each rank calls this; the stage joins the process
+    group, rank 0 builds the cache and writes every file, and ``fit`` shards each batch.
+    """
+    created, device_str = init_distributed(cfg.train.device)
+    try:
+        return _run(cfg, Path(run_dir), resume, force, progress, device_str)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress: bool, device_str: str) -> Path:
+    t0 = time.time()
+    rank, world = distributed()
+    if device_str != cfg.train.device:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device_str))
+    device = resolve_device(cfg.train.device)
+    notes: dict = {"alpha_requested": cfg.alpha}
+    err = None
+    try:  # everything that can fail on bad input happens before the first write
+        teacher_paths = split_teacher_spec(cfg.teacher)
+        teacher = load_teacher(teacher_paths, device)
+        cfg = _resolve_data(cfg, teacher)
+        data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+        _check_compatible(teacher, data)
+        spec = cfg.transfer_spec
+        x_tr, y_tr, transfer_info = transfer_set(spec, data, cfg.split_seed)
+        if y_tr is None and cfg.alpha > 0:
+            warnings.warn(f"--transfer {spec} has no labels: --alpha {cfg.alpha} forced to 0 "
+                          "(soft targets only)", UserWarning, stacklevel=2)
+            cfg = dataclasses.replace(cfg, alpha=0.0)
+            notes["alpha_forced_zero"] = True
+        loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
+        student = _build_student(cfg, data)
+        if cfg.fix_bias:
+            output_head(student)
+        baseline = _baseline_errors(Path(cfg.baseline), data, cfg.train.eval_batch_size) if cfg.baseline else None
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run_dir)
+        cfg = dataclasses.replace(cfg, cache_dir=str(cache_dir))
+        if rank == 0:
+            prepare_run_dir(run_dir, resume, force, "student")
+    except KdensError as e:
+        err = e
+    agree(err)
+
+    teacher_fp = getattr(teacher, "data_fingerprint", None)
+    notes["teacher_data_fingerprint"] = teacher_fp
+    notes["data_differs_from_teacher"] = teacher_fp is not None and teacher_fp != data.fingerprint
+    hashes = list(teacher.manifest_hashes)
+    key = cache_key(hashes, data.fingerprint, str(spec),
+                    {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")})
+    online = cfg.train.jitter > 0
+    if online:
+        # jittered inputs change every step: a cache of the clean images would be the wrong targets
+        loss_fn = online_loss_fn(loss, teacher)
+        cache_info = {"online": True, "reused": False, "build_seconds": 0.0, "key": None}
+    else:
+        meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
+                "data_fingerprint": data.fingerprint, "transfer": str(spec)}
+        targets, info = cached_targets(cache_dir, key, x_tr, teacher, device, cfg.train.eval_batch_size,
+                                       progress and rank == 0, meta)
+        loss_fn = cached_loss_fn(loss, targets)
+        cache_info = {"online": False, "reused": bool(info["reused"]),
+                      "build_seconds": round(float(info["build_seconds"]), 3),
+                      "load_seconds": round(float(info["seconds"]), 3), "key": key, "path": info["path"]}
+
+    mspec = model_spec(cfg.model, data.num_classes, data.input_shape, cfg.model_args)
+    # the device stays out of the key: under DDP on CUDA each rank trains on its own cuda:K
+    train_key = {k: v for k, v in cfg.train.to_dict().items() if k != "device"}
+    rkey = run_key("student", mspec, train_key, data.fingerprint, str(spec), cfg.loss,
+                   cfg.temperature, cfg.alpha, hashes, key)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    result = fit(student, x_tr, y_tr, data.x_val, data.y_val, cfg.train, loss_fn=loss_fn, ckpt_dir=run_dir,
+                 resume=resume, run_key=rkey, progress=progress, desc="student")
+    if rank != 0:
+        return run_dir
+
+    metrics = _student_metrics(student, teacher, data, cfg, result, len(x_tr), baseline, cache_info)
+    save_model(run_dir, student, mspec)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_json(run_dir / "history.json", result.history)
+    inputs = {str(p / MANIFEST): sha256_file(p / MANIFEST) for p in teacher_paths}
+    if cfg.baseline:
+        inputs[str(Path(cfg.baseline) / MANIFEST)] = baseline[1]
+    write_manifest(run_dir, stage="student", config=to_dict(cfg), inputs=inputs,
+                   data_fingerprint=data.fingerprint, seed=cfg.train.seed,
+                   wall_seconds=round(time.time() - t0, 3), metrics=metrics,
+                   extra={"data": data.describe(), "teacher": teacher.describe(),
+                          "teacher_manifest_hashes": hashes, "transfer": transfer_info,
+                          "soft_targets": cache_info, "world_size": world,
+                          "resumed_from_epoch": result.resumed_from_epoch, **notes})
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the manifest and weights supersede it
+    return run_dir
+
+
+def _build_student(cfg: DistillConfig, data: Dataset):
+    torch.manual_seed(cfg.train.seed)  # the run's seed also fixes the initial weights
+    return build_model(cfg.model, data.num_classes, data.input_shape, **cfg.model_args)
+
+
+def _student_metrics(student, teacher: Teacher, data: Dataset, cfg: DistillConfig, result, n_transfer: int,
+                     baseline: tuple[int, str] | None, cache_info: dict) -> dict:
+    """The foundation's metrics plus the teacher comparison, bias fix and cache facts."""
+    bs = cfg.train.eval_batch_size
+    student.to("cpu")
+    fix = None
+    if cfg.fix_bias:
+        classes = list(cfg.transfer_spec.classes)
+        errors_before = M.errors(predict_logits(student, data.x_test, bs).numpy(), data.y_test)
+        shift, info = fit_bias_shift(predict_logits(student, data.x_val, bs).numpy(), data.y_val, classes)
+        shift_bias(student, classes, shift)
+        fix = {"bias_shift": shift, "test_errors_before_bias_fix": errors_before, "bias_fit": info}
+    metrics = evaluate_model(student, data, bs)
+    s_test = predict_logits(student, data.x_test, bs).numpy()  # (N, C)
+    t_test = teacher_log_probs(teacher, data.x_test, bs).numpy()  # (N, C)
+    metrics.update(params=count_params(student), train_seconds=round(result.seconds, 3),
+                   best_epoch=result.best_epoch, epochs_run=len(result.history),
+                   stopped_early=result.stopped_early, train_examples=int(n_transfer),
+                   teacher_agreement=M.agreement(s_test, t_test),
+                   teacher_test_accuracy=M.accuracy(t_test, data.y_test),
+                   teacher_test_errors=M.errors(t_test, data.y_test),
+                   temperature=cfg.temperature, alpha=cfg.alpha, loss=cfg.loss, transfer=cfg.transfer)
+    if fix is not None:
+        fix["test_errors_after_bias_fix"] = metrics["test_errors"]
+        metrics.update(fix)
+    if baseline is not None:
+        b, t, s = baseline[0], metrics["teacher_test_errors"], metrics["test_errors"]
+        metrics["baseline_test_errors"] = b
+        # undefined when the teacher is no better than the baseline: nothing to recover
+        metrics["gap_recovered"] = (b - s) / (b - t) if b > t else None
+    metrics["soft_targets"] = {k: cache_info[k] for k in ("online", "reused", "build_seconds")}
+    return metrics

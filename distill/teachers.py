@@ -1,0 +1,198 @@
+"""Teachers: every kind of run folder answers log-probabilities at T = 1.
+
+``load_teacher`` turns ``--teacher`` into one object with the interface every stage
+shares (CONTEXT: "Teacher interface"): ``teacher(x) -> (B, C)`` log-probabilities
+under inference mode on its device, plus ``num_classes``, ``input_shape``,
+``class_names``, ``manifest_hashes``, ``stage``, ``data_config`` and ``describe()``.
+
+* a ``generalist`` or ``student`` run: one model, ``log_softmax(z)``;
+* an ``ensemble`` run: ``ensembles.teacher.load_teacher``;
+* a ``specialists`` run: ``specialists.teacher.load_teacher``;
+* several run folders, comma-separated: an ad-hoc ensemble whose distribution is the
+  arithmetic mean of the members' probabilities (Hinton et al. 2015, section 3).
+
+The temperature is not applied here: the distillation loss softens the cached
+log-probabilities, so one cache serves every T.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from kdens.artifacts import MANIFEST, read_manifest, sha256_file
+from kdens.errors import ArtifactError, ConfigError
+from kdens.models import load_model
+
+# describe() keys that say where a teacher lives, not what it answers: left out of the
+# soft-target cache key so that a moved run folder or another device still hits the cache
+_LOCATION_KEYS = ("path", "paths", "run", "runs", "run_dir", "device")
+
+
+class Teacher(Protocol):
+    """What the distillation stage needs from a teacher."""
+
+    num_classes: int
+    input_shape: tuple
+    class_names: list
+    manifest_hashes: list
+    stage: str
+    data_config: dict
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def describe(self) -> dict: ...
+
+
+def _data_config(manifest: dict) -> dict:
+    cfg = manifest.get("config", {})
+    return {"data": cfg.get("data", "digits"), "val_fraction": cfg.get("val_fraction", 0.1),
+            "split_seed": cfg.get("split_seed", 0)}
+
+
+class ModelTeacher:
+    """A single trained model (a generalist or a student) answering ``log_softmax(z)``."""
+
+    def __init__(self, run_dir: Path, device: str | torch.device = "cpu"):
+        run_dir = Path(run_dir)
+        manifest = read_manifest(run_dir, ("generalist", "student"))
+        self.device = torch.device(device)
+        self.model, spec = load_model(run_dir, self.device)
+        self.run_dir = run_dir
+        self.stage = manifest["stage"]
+        self.num_classes = int(spec["num_classes"])
+        self.input_shape = tuple(spec["input_shape"])
+        self.class_names = list(manifest.get("data", {}).get("class_names")
+                                or [str(c) for c in range(self.num_classes)])
+        self.manifest_hashes = [sha256_file(run_dir / MANIFEST)]
+        self.data_config = _data_config(manifest)
+        self.data_fingerprint = manifest.get("data_fingerprint")
+        self._spec = spec
+
+    @torch.inference_mode()
+    def __call__(self, x: Tensor) -> Tensor:
+        z = self.model(x.to(self.device, non_blocking=True))  # (B, C)
+        return torch.log_softmax(z.float(), dim=1)  # (B, C)
+
+    def describe(self) -> dict:
+        return {"stage": self.stage, "run": str(self.run_dir), "model": self._spec["name"],
+                "model_args": self._spec["kwargs"], "params": self._spec.get("params")}
+
+
+class AdhocEnsembleTeacher:
+    """Several teachers listed together: arithmetic mean of their probabilities.
+
+    ``log p = logsumexp_k log p_k - log K`` (``ensembles.combine.combine_log_probs``
+    with the members' log-probabilities as logits: ``log_softmax`` leaves them as
+    they are, so the arithmetic method averages the members' own distributions).
+    """
+
+    def __init__(self, members: Sequence[Teacher], specs: Sequence[str]):
+        if len(members) < 2:
+            raise ConfigError("an ad-hoc ensemble needs at least two run folders, comma-separated")
+        first = members[0]
+        for spec, m in zip(specs[1:], members[1:]):
+            if m.num_classes != first.num_classes or tuple(m.input_shape) != tuple(first.input_shape):
+                raise ConfigError(
+                    f"--teacher {spec} predicts {m.num_classes} classes from inputs {tuple(m.input_shape)}, "
+                    f"but {specs[0]} predicts {first.num_classes} from {tuple(first.input_shape)}; "
+                    "list teachers trained on the same kind of data"
+                )
+        self.members = list(members)
+        self.specs = list(specs)
+        self.stage = "adhoc-ensemble"
+        self.num_classes = first.num_classes
+        self.input_shape = tuple(first.input_shape)
+        self.class_names = list(first.class_names)
+        self.manifest_hashes = [h for m in members for h in m.manifest_hashes]
+        self.data_config = dict(first.data_config)
+        fps = {getattr(m, "data_fingerprint", None) for m in members}
+        self.data_fingerprint = fps.pop() if len(fps) == 1 else None
+
+    @torch.inference_mode()
+    def __call__(self, x: Tensor) -> Tensor:
+        from ensembles.combine import combine_log_probs
+
+        log_p = torch.stack([m(x).float().to(x.device) for m in self.members])  # (K, B, C)
+        return combine_log_probs(log_p, "arithmetic", 1.0)  # (B, C)
+
+    def describe(self) -> dict:
+        return {"stage": self.stage, "combine": "arithmetic",
+                "members": [m.describe() for m in self.members]}
+
+
+def _load_one(run_dir: Path, device: str | torch.device) -> Teacher:
+    manifest = read_manifest(run_dir, ("generalist", "student", "ensemble", "specialists"))
+    stage = manifest["stage"]
+    if stage in ("generalist", "student"):
+        return ModelTeacher(run_dir, device)
+    # later-built teacher kinds live in their own packages; import only when asked for
+    try:
+        if stage == "ensemble":
+            from ensembles.teacher import load_teacher as load
+        else:
+            from specialists.teacher import load_teacher as load
+    except ImportError as e:
+        raise ArtifactError(f"{run_dir} holds a '{stage}' run, but its teacher loader is missing ({e})") from None
+    teacher = load(run_dir, device=device)
+    if not hasattr(teacher, "data_fingerprint"):
+        teacher.data_fingerprint = manifest.get("data_fingerprint")
+    return teacher
+
+
+def split_teacher_spec(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """``--teacher`` value -> run folders: one path, ``a,b,c``, or a list."""
+    if isinstance(spec, (str, Path)):
+        parts = [p.strip() for p in str(spec).split(",")]
+    else:
+        parts = [str(p).strip() for p in spec]
+    if not parts or any(not p for p in parts):
+        raise ConfigError(f"--teacher {spec!r}: give a run folder, or several separated by commas (no empty ones)")
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"--teacher {spec!r} lists the same run twice")
+    return [Path(p) for p in parts]
+
+
+def load_teacher(spec: str | Path | Sequence[str | Path], device: str | torch.device = "cpu") -> Teacher:
+    """Load the teacher named by ``--teacher``, dispatching on each manifest's stage.
+
+    Args:
+        spec: a run folder, several joined by commas (an ad-hoc ensemble), or a list.
+        device: where the teacher computes.
+
+    Raises:
+        ArtifactError: a folder is missing, unfinished or holds a stage that cannot teach.
+        ConfigError: an empty or repeated entry, or members that disagree on the classes.
+    """
+    paths = split_teacher_spec(spec)
+    members = [_load_one(p, device) for p in paths]
+    if len(members) == 1:
+        return members[0]
+    return AdhocEnsembleTeacher(members, [str(p) for p in paths])
+
+
+def cache_options(teacher: Teacher) -> dict:
+    """What changes a teacher's answers beyond its manifests, for the soft-target cache key."""
+    opts = getattr(teacher, "cache_options", None)
+    if isinstance(opts, dict):
+        return opts
+
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in _LOCATION_KEYS}
+        if isinstance(d, (list, tuple)):
+            return [strip(v) for v in d]
+        return d
+
+    return strip(teacher.describe())
+
+
+@torch.inference_mode()
+def teacher_log_probs(teacher: Teacher, x, batch_size: int = 2048) -> Tensor:
+    """The teacher's log-probabilities (N, C) on ``x``, batched, as float32 on the CPU."""
+    xt = torch.as_tensor(x)
+    out = [teacher(xt[i: i + batch_size]).float().cpu() for i in range(0, len(xt), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, teacher.num_classes)

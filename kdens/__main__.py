@@ -1,0 +1,5 @@
+"""``python -m kdens`` runs the command line."""
+
+from kdens.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""Distillation under torchrun: 2 CPU processes (gloo) train the same student as one process.
+
+DDP splits each global batch between the ranks (``idx[rank::2]``) and averages their
+gradients; with an even batch size, an even transfer set, no dropout and no jitter that
+is the full batch's gradient up to float32 summation order, so the weights agree to a
+small tolerance (stated below) rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.config import DistillConfig
+from distill.stage import run
+from kdens.config import GeneralistConfig, build
+from kdens.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL = 1e-5  # max |w_ddp - w_single| after 3 epochs (measured 4.5e-8): float32 summation order only
+LAUNCH = "import sys; from kdens.cli_distill import distill; distill(sys.argv[1:], prog_name='kdens distill')\n"
+
+
+def _even_fraction(y: np.ndarray) -> float:
+    from distill.transfer import stratified_fraction
+
+    for f in (0.5, 0.45, 0.55, 0.4, 0.6):
+        if len(stratified_fraction(y, f, 0)) % 2 == 0:
+            return f
+    raise AssertionError("no candidate fraction gives an even transfer set")
+
+
+def test_two_ranks_match_one_process(tmp_path, digits):
+    from kdens import generalist
+
+    teacher = generalist.run(build(GeneralistConfig, {"model": "mlp", "model_args": {"hidden": [32]},
+                                                      "epochs": 3, "batch_size": 64}),
+                             tmp_path / "gen", progress=False)
+    frac = _even_fraction(digits.y_train)  # with an even batch size every batch splits in two equal halves
+    flags = {"teacher": str(teacher), "model": "mlp", "model_args": {"hidden": [16]}, "transfer": f"fraction={frac}",
+             "temperature": 3.0, "alpha": 0.2, "epochs": 3, "batch_size": 32, "device": "cpu"}
+    single = run(build(DistillConfig, flags), tmp_path / "single", progress=False)
+
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCH)
+    args = ["--teacher", str(teacher), "--model", "mlp", "--model-arg", "hidden=16", "--transfer", f"fraction={frac}",
+            "--temperature", "3", "--alpha", "0.2", "--epochs", "3", "--batch-size", "32", "--device", "cpu",
+            "--quiet", "--cache-dir", str(tmp_path / "ddp_cache"), "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    ddp = tmp_path / "ddp"
+    manifest = json.loads((ddp / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["stage"] == "student"
+    assert sorted(p.name for p in ddp.iterdir()) == ["history.json", "manifest.json", "metrics.json",
+                                                      "model.json", "model.safetensors"]
+    assert manifest["soft_targets"]["reused"] is False  # rank 0 built it, once
+    assert len(list((tmp_path / "ddp_cache").iterdir())) == 1
+
+    a, b = load_model(single)[0].state_dict(), load_model(ddp)[0].state_dict()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < ATOL, f"DDP weights differ from one process by {diff:.2e}"
+    ma = json.loads((single / "metrics.json").read_text())
+    mb = json.loads((ddp / "metrics.json").read_text())
+    assert abs(ma["test_errors"] - mb["test_errors"]) <= 1
+    assert ma["teacher_agreement"] == pytest.approx(mb["teacher_agreement"], abs=2 / len(digits.y_test))
+    assert ma["val_nll"] == pytest.approx(mb["val_nll"], abs=1e-3)
