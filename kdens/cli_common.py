@@ -27,6 +27,8 @@ def train_options(f):
         click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), help="LR schedule [cosine]."),
         click.option("--max-norm", type=click.FloatRange(min=0, min_open=True),
                      help="Max L2 norm of each unit's incoming weights [off]."),
+        click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True),
+                     help="Clip the gradient's global L2 norm to this [off]; use it for distillation at high T."),
         click.option("--jitter", type=click.IntRange(min=0), help="Random translation, pixels [0]."),
         click.option("--patience", type=click.IntRange(min=1), help="Early-stopping patience, epochs [10]."),
         click.option("--device", type=str, help="auto, cpu or cuda [auto]."),

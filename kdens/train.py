@@ -51,6 +51,10 @@ class TrainConfig:
     """Decay factor for schedule='step'."""
     max_norm: float | None = None
     """If set, clip each unit's incoming weight vector to this L2 norm after every step."""
+    grad_clip: float | None = None
+    """If set, clip the global gradient L2 norm to this before every step. Distillation at
+    high T needs it: the T^2-scaled soft gradient is T * (q_T - p_T), up to T times a
+    cross-entropy gradient once student logits grow (seen: NaN at T=20, lr 0.05)."""
     jitter: int = 0
     """Random translation of up to this many pixels per example (the paper's +-2 px)."""
     patience: int | None = 10
@@ -79,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay {self.weight_decay} must be >= 0")
         if self.max_norm is not None and not self.max_norm > 0:
             raise ConfigError(f"--max-norm {self.max_norm} must be > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"--grad-clip {self.grad_clip} must be > 0")
         if self.jitter < 0:
             raise ConfigError(f"--jitter {self.jitter} must be >= 0 pixels")
         if self.patience is not None and self.patience < 1:
@@ -317,6 +323,8 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
                 loss = loss_fn(logits.float(), xb, yb, idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 if cfg.max_norm:
                     apply_max_norm(model, cfg.max_norm)
@@ -377,8 +385,8 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int) -> None:
         i = int(bad.nonzero()[0])
         step, value = pending[i][0], float(vals[i])
         raise TrainingError(
-            f"loss became {value} at epoch {epoch + 1}, step {step + 1}; lower --lr, set --max-norm, "
-            "or check the inputs for NaN"
+            f"loss became {value} at epoch {epoch + 1}, step {step + 1}; lower --lr, set --grad-clip "
+            "(e.g. 5) or --max-norm, or check the inputs for NaN"
         )
 
 

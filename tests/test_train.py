@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +131,15 @@ def test_schedules():
 def test_config_validation_names_flag(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):
         TrainConfig(**kwargs)
+
+
+def test_grad_clip_bounds_each_update(digits):
+    # With plain SGD (no momentum, no decay) one step moves the weights by lr * clipped grad.
+    m = build_model("mlp", 10, digits.input_shape, hidden=[16])
+    before = [p.detach().clone() for p in m.parameters()]
+    cfg = TrainConfig(epochs=1, batch_size=len(digits.y_train), optimizer="sgd", lr=1.0, momentum=0.0,
+                      weight_decay=0.0, schedule="none", grad_clip=0.01, patience=None)
+    fit(m, digits.x_train, digits.y_train, None, None, cfg, loss_fn=lambda z, xb, yb, idx: 1000 * F.cross_entropy(z, yb),
+        progress=False)
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(m.parameters(), before)))
+    assert step.item() == pytest.approx(0.01, rel=1e-3)
