@@ -24,24 +24,24 @@ from pathlib import Path
 KDENS = [sys.executable, "-m", "kdens"]
 
 
-def sh(args: list[str], log: Path) -> float:
-    """Run one kdens command (skipped when its run folder is already finished)."""
+def sh(args: list[str], log: Path) -> str:
+    """Run one kdens command; returns 'ok', 'reused' or the failure's last line (kept in the table)."""
     out = Path(args[args.index("--out") + 1])
     if (out / "manifest.json").exists():
-        return 0.0
+        return "reused"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    t = time.time()
+    r = subprocess.run(KDENS + args, capture_output=True, text=True, env=env)
     with open(log, "a") as f:
-        f.write("$ kdens " + " ".join(args) + "\n")
-        f.flush()
-        r = subprocess.run(KDENS + args, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if r.returncode not in (0,):
-        raise SystemExit(f"failed ({r.returncode}): kdens {' '.join(args)}; see {log}")
-    return time.time() - t
+        f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
+    if r.returncode != 0:
+        return (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
+    return "ok"
 
 
 def metrics(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
+    """metrics.json of a finished run; an empty dict for a run that failed (e.g. diverged)."""
+    p = run / "metrics.json"
+    return json.loads(p.read_text()) if (run / "manifest.json").exists() else {}
 
 
 def main() -> None:
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--fraction", type=float, default=0.03)
     ap.add_argument("--omit", type=int, default=3)
+    ap.add_argument("--grad-clip", type=float, default=None, help="passed to kdens distill")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="bench/results/distill")
     args = ap.parse_args()
@@ -69,7 +70,9 @@ def main() -> None:
     common = ["--data", args.data, "--model", "mlp", "--model-arg", f"hidden={args.student}",
               "--epochs", str(args.epochs), "--quiet"]
     base = lambda s: runs / f"student{tag}-hard-s{s}"  # noqa: E731
-    dist = lambda s: runs / f"student{tag}-T{args.temperature:g}-s{s}"  # noqa: E731
+    clip = ["--grad-clip", str(args.grad_clip)] if args.grad_clip else []
+    ctag = f"-clip{args.grad_clip:g}" if args.grad_clip else ""
+    dist = lambda s: runs / f"student{tag}-T{args.temperature:g}{ctag}-s{s}"  # noqa: E731
     frac_tag = f"{args.fraction:g}".replace(".", "p")
     t0 = time.time()
 
@@ -77,58 +80,65 @@ def main() -> None:
     stage1 = [["train-generalist", *common, "--seed", str(s), "--out", str(base(s))] for s in seeds]
     stage1.append(["train-generalist", *common, "--seed", "0", "--train-fraction", str(args.fraction),
                    "--out", str(runs / f"student{tag}-hard-frac{frac_tag}")])
-    stage2 = [["distill", "--teacher", args.teacher, *common, "--temperature", str(args.temperature),
+    common_d = [*common, *clip]
+    stage2 = [["distill", "--teacher", args.teacher, *common_d, "--temperature", str(args.temperature),
                "--alpha", str(args.alpha), "--seed", str(s), "--baseline", str(base(s)), "--out", str(dist(s))]
               for s in seeds]
-    stage2.append(["distill", "--teacher", args.teacher, *common, "--temperature", str(args.temperature),
+    soft_f_dir = runs / f"student{tag}-soft-frac{frac_tag}-T{args.temperature:g}{ctag}"
+    omit_dir = runs / f"student{tag}-omit{args.omit}-T{args.temperature:g}{ctag}"
+    stage2.append(["distill", "--teacher", args.teacher, *common_d, "--temperature", str(args.temperature),
                    "--alpha", str(args.alpha), "--seed", "0", "--transfer", f"fraction={args.fraction}",
-                   "--out", str(runs / f"student{tag}-soft-frac{frac_tag}")])
-    stage2.append(["distill", "--teacher", args.teacher, *common, "--temperature", str(args.temperature),
+                   "--out", str(soft_f_dir)])
+    stage2.append(["distill", "--teacher", args.teacher, *common_d, "--temperature", str(args.temperature),
                    "--alpha", str(args.alpha), "--seed", "0", "--transfer", f"omit={args.omit}", "--fix-bias",
-                   "--out", str(runs / f"student{tag}-omit{args.omit}")])
+                   "--out", str(omit_dir)])
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda a: sh(a, log), stage1))
+        status = dict(zip([a[-1] for a in stage1], pool.map(lambda a: sh(a, log), stage1)))
         # one distillation first so the shared soft-target cache is built once, not raced
-        sh(stage2[0], log)
-        list(pool.map(lambda a: sh(a, log), stage2[1:]))
+        status[stage2[0][-1]] = sh(stage2[0], log)
+        status.update(zip([a[-1] for a in stage2[1:]], pool.map(lambda a: sh(a, log), stage2[1:])))
 
     teacher = metrics(Path(args.teacher))
     rows = []
     for s in seeds:
         b, d = metrics(base(s)), metrics(dist(s))
-        rows.append({"seed": s, "teacher_errors": teacher["test_errors"], "baseline_errors": b["test_errors"],
-                     "distilled_errors": d["test_errors"], "gap_recovered": d.get("gap_recovered"),
+        rows.append({"seed": s, "teacher_errors": teacher["test_errors"], "baseline_errors": b.get("test_errors"),
+                     "distilled_errors": d.get("test_errors"), "gap_recovered": d.get("gap_recovered"),
                      "teacher_agreement": d.get("teacher_agreement"),
-                     "baseline_accuracy": b["test_accuracy"], "distilled_accuracy": d["test_accuracy"]})
+                     "baseline_accuracy": b.get("test_accuracy"), "distilled_accuracy": d.get("test_accuracy"),
+                     "status": status.get(str(dist(s)))})
     hard_f = metrics(runs / f"student{tag}-hard-frac{frac_tag}")
-    soft_f = metrics(runs / f"student{tag}-soft-frac{frac_tag}")
-    omit = metrics(runs / f"student{tag}-omit{args.omit}")
+    soft_f = metrics(soft_f_dir)
+    omit = metrics(omit_dir)
     result = {
         "command": " ".join([sys.executable, *sys.argv]),
         "teacher": args.teacher, "teacher_test_accuracy": teacher["test_accuracy"],
         "student": f"mlp {args.student}", "epochs": args.epochs, "temperature": args.temperature,
-        "alpha": args.alpha, "seeds": rows,
+        "alpha": args.alpha, "grad_clip": args.grad_clip, "seeds": rows,
         "mean": {k: statistics.mean(r[k] for r in rows) for k in
                  ("baseline_errors", "distilled_errors", "gap_recovered") if all(r[k] is not None for r in rows)},
-        "fraction": {"fraction": args.fraction, "hard_accuracy": hard_f["test_accuracy"],
-                     "soft_accuracy": soft_f["test_accuracy"],
-                     "full_data_hard_accuracy": statistics.mean(r["baseline_accuracy"] for r in rows)},
-        "omit": {"class": args.omit, **{k: v for k, v in omit.items() if "bias" in k or "omit" in k},
-                 "test_errors": omit["test_errors"]},
+        "fraction": {"fraction": args.fraction, "hard_accuracy": hard_f.get("test_accuracy"),
+                     "soft_accuracy": soft_f.get("test_accuracy"),
+                     "full_data_hard_accuracy": statistics.mean(r["baseline_accuracy"] for r in rows
+                                                                if r["baseline_accuracy"] is not None)},
+        "omit": {"class": args.omit, "test_errors": omit.get("test_errors"),
+                 **{k: v for k, v in omit.items() if k in ("bias_shift", "test_errors_before_bias_fix",
+                                                           "test_errors_after_bias_fix")}},
         "wall_seconds": round(time.time() - t0, 1),
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Teacher `{args.teacher}` ({teacher['test_errors']} errors), student mlp {args.student}, "
-             f"T={args.temperature:g}, alpha={args.alpha:g}, {args.epochs} epochs",
+             f"T={args.temperature:g}, alpha={args.alpha:g}, grad clip {args.grad_clip}, {args.epochs} epochs",
              "", "| seed | teacher errors | hard-label student errors | distilled student errors | gap recovered | "
              "teacher agreement |", "|---|---|---|---|---|---|"]
     for r in rows:
         gr = f"{r['gap_recovered']:.0%}" if r["gap_recovered"] is not None else "n/a"
-        lines.append(f"| {r['seed']} | {r['teacher_errors']} | {r['baseline_errors']} | {r['distilled_errors']} | "
-                     f"{gr} | {r['teacher_agreement']:.4f} |")
+        dist_e = r["distilled_errors"] if r["distilled_errors"] is not None else f"failed: {r['status']}"
+        agree = f"{r['teacher_agreement']:.4f}" if r["teacher_agreement"] is not None else "-"
+        lines.append(f"| {r['seed']} | {r['teacher_errors']} | {r['baseline_errors']} | {dist_e} | {gr} | {agree} |")
     fr = result["fraction"]
-    lines += ["", f"{args.fraction:.0%} of the training set: hard labels {fr['hard_accuracy']:.4f}, soft targets "
-              f"{fr['soft_accuracy']:.4f} (all data, hard labels: {fr['full_data_hard_accuracy']:.4f})", "",
+    lines += ["", f"{args.fraction:.0%} of the training set: hard labels {fr['hard_accuracy']}, soft targets "
+              f"{fr['soft_accuracy']} (all data, hard labels: {fr['full_data_hard_accuracy']:.4f})", "",
               f"Class {args.omit} omitted from the transfer set: " + json.dumps(result["omit"])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
