@@ -35,7 +35,11 @@ def cached_loss_fn(loss: DistillLoss, targets: Tensor) -> Callable:
 
 
 def online_loss_fn(loss: DistillLoss, teacher: Callable[[Tensor], Tensor]) -> Callable:
-    """``fit`` loss that asks the teacher about the batch the student saw (after jitter)."""
+    """``fit`` loss that asks the teacher about the batch the student saw (after jitter).
+
+    ``teacher`` maps a batch to the scores the loss softens by T: the stage passes
+    ``distill.teachers.soft_scores_fn(teacher, T)``, the same function the cache is built with.
+    """
 
     def loss_fn(logits: Tensor, xb: Tensor, yb: Tensor | None, idx: Tensor) -> Tensor:
         with torch.inference_mode():
@@ -99,6 +103,9 @@ def agree(error: BaseException | None) -> None:
 def cached_targets(cache_dir: Path, key: str, x: np.ndarray, teacher: Callable[[Tensor], Tensor],
                    device: torch.device, batch_size: int, progress: bool, meta: dict) -> tuple[Tensor, dict]:
     """Teacher scores over ``x`` from the cache (built once, on rank 0) as a tensor on ``device``.
+
+    ``teacher`` maps a batch to scores (``distill.teachers.soft_scores_fn``); ``key`` must
+    name everything they depend on, the temperature included when they depend on it.
 
     Returns:
         (scores (N, C) float32 on ``device``, the cache's info dict).

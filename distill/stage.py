@@ -22,7 +22,8 @@ from distill.config import DistillConfig
 from distill.losses import make_loss
 from distill.loop import (agree, cached_loss_fn, cached_targets, distributed, init_distributed,
                           online_loss_fn, output_head, shift_bias)
-from distill.teachers import Teacher, cache_options, load_teacher, split_teacher_spec, teacher_log_probs
+from distill.teachers import (Teacher, cache_options, load_teacher, soft_scores_depend_on_temperature,
+                              soft_scores_fn, split_teacher_spec, teacher_log_probs)
 from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratified_fraction
 from kdens import metrics as M
 from kdens.artifacts import MANIFEST, atomic_write_json, read_manifest, sha256_file, write_manifest
@@ -152,20 +153,27 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
     notes["teacher_data_fingerprint"] = teacher_fp
     notes["data_differs_from_teacher"] = teacher_fp is not None and teacher_fp != data.fingerprint
     hashes = list(teacher.manifest_hashes)
-    key = cache_key(hashes, data.fingerprint, str(spec),
-                    {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")})
+    # the soft targets at T (distill.teachers: "Soft targets at a temperature T"); T enters
+    # the cache key only for teachers whose scores depend on it (arithmetic ensembles)
+    soft_fn = soft_scores_fn(teacher, cfg.temperature)
+    soft_t = float(cfg.temperature) if soft_scores_depend_on_temperature(teacher) else None
+    extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
+    if soft_t is not None:
+        extra["soft_temperature"] = soft_t
+    key = cache_key(hashes, data.fingerprint, str(spec), extra)
     online = cfg.train.jitter > 0
     if online:
         # jittered inputs change every step: a cache of the clean images would be the wrong targets
-        loss_fn = online_loss_fn(loss, teacher)
-        cache_info = {"online": True, "reused": False, "build_seconds": 0.0, "key": None}
+        loss_fn = online_loss_fn(loss, soft_fn)
+        cache_info = {"online": True, "reused": False, "build_seconds": 0.0, "key": None,
+                      "soft_temperature": soft_t}
     else:
         meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
-                "data_fingerprint": data.fingerprint, "transfer": str(spec)}
-        targets, info = cached_targets(cache_dir, key, x_tr, teacher, device, cfg.train.eval_batch_size,
+                "data_fingerprint": data.fingerprint, "transfer": str(spec), "soft_temperature": soft_t}
+        targets, info = cached_targets(cache_dir, key, x_tr, soft_fn, device, cfg.train.eval_batch_size,
                                        progress and rank == 0, meta)
         loss_fn = cached_loss_fn(loss, targets)
-        cache_info = {"online": False, "reused": bool(info["reused"]),
+        cache_info = {"online": False, "reused": bool(info["reused"]), "soft_temperature": soft_t,
                       "build_seconds": round(float(info["build_seconds"]), 3),
                       "load_seconds": round(float(info["seconds"]), 3), "key": key, "path": info["path"]}
 

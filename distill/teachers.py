@@ -11,14 +11,33 @@ under inference mode on its device, plus ``num_classes``, ``input_shape``,
 * several run folders, comma-separated: an ad-hoc ensemble whose distribution is the
   arithmetic mean of the members' probabilities (Hinton et al. 2015, section 3).
 
-The temperature is not applied here: the distillation loss softens the cached
-log-probabilities, so one cache serves every T.
+Soft targets at a temperature T (the one extension of that interface). The loss
+softens whatever scores it gets as ``softmax(s / T)``. For one model that is right when
+``s`` is its log-probabilities at T = 1: ``softmax(log_softmax(z) / T) = softmax(z / T)``.
+For an arithmetic mixture it is not: softening the T = 1 mixture gives
+``(mean_k p_k)^(1/T)`` renormalized, not the paper's ``mean_k softmax(z_k / T)``. So a
+teacher may define
+
+* ``soft_scores(x, T) -> (B, C)``: scores ``s`` with ``softmax(s / T)`` equal to its soft
+  targets at T; the loss stays ``log_softmax(s / T)`` for every teacher;
+* ``soft_scores_depend_on_temperature: bool``: whether ``s`` changes with T.
+
+The rule by kind: one model, ``s = log_softmax(z)`` (T-free); a geometric ensemble,
+``softmax(mean_k log_softmax(z_k / T)) = softmax(mean_k z_k / T)``, so
+``s = log_softmax(mean_k z_k)`` (T-free); an arithmetic ensemble (ad-hoc lists here,
+``ensembles.teacher`` runs), ``s = T * log(mean_k softmax(s_k / T))`` with ``s_k`` each
+member's own soft scores (T-dependent); a specialists teacher, its combined ``log q``
+(T-free). A teacher without ``soft_scores`` is treated as T-free log-probabilities
+(``__call__``). The distillation stage asks ``soft_scores_fn`` for its targets, in the
+soft-target cache and online under jitter, and puts T into the cache key only when the
+scores depend on it, so single-model and geometric caches serve every T. Metrics
+(teacher accuracy, agreement) always use ``__call__``, the T = 1 log-probabilities.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +66,24 @@ class Teacher(Protocol):
     def describe(self) -> dict: ...
 
 
+def soft_scores_fn(teacher: Teacher, temperature: float) -> Callable[[Tensor], Tensor]:
+    """``x -> s`` (B, C) with ``softmax(s / T)`` = the teacher's soft targets at ``temperature``.
+
+    Uses the teacher's ``soft_scores`` when it has one, else its T = 1 log-probabilities
+    (which the loss softens correctly for any single distribution); see the module docstring.
+    """
+    soft = getattr(teacher, "soft_scores", None)
+    if soft is None:
+        return teacher
+    t = float(temperature)
+    return lambda x: soft(x, t)
+
+
+def soft_scores_depend_on_temperature(teacher: Teacher) -> bool:
+    """Whether the teacher's soft scores change with T (then T belongs in the cache key)."""
+    return hasattr(teacher, "soft_scores") and bool(getattr(teacher, "soft_scores_depend_on_temperature", False))
+
+
 def _data_config(manifest: dict) -> dict:
     cfg = manifest.get("config", {})
     return {"data": cfg.get("data", "digits"), "val_fraction": cfg.get("val_fraction", 0.1),
@@ -55,6 +92,9 @@ def _data_config(manifest: dict) -> dict:
 
 class ModelTeacher:
     """A single trained model (a generalist or a student) answering ``log_softmax(z)``."""
+
+    # softmax(log_softmax(z) / T) = softmax(z / T): the T = 1 answer serves every T
+    soft_scores_depend_on_temperature = False
 
     def __init__(self, run_dir: Path, device: str | torch.device = "cpu"):
         run_dir = Path(run_dir)
@@ -77,6 +117,10 @@ class ModelTeacher:
         z = self.model(x.to(self.device, non_blocking=True))  # (B, C)
         return torch.log_softmax(z.float(), dim=1)  # (B, C)
 
+    def soft_scores(self, x: Tensor, temperature: float) -> Tensor:
+        """The log-probabilities at T = 1 for every T (the loss divides them by T)."""
+        return self(x)  # (B, C)
+
     def describe(self) -> dict:
         return {"stage": self.stage, "run": str(self.run_dir), "model": self._spec["name"],
                 "model_args": self._spec["kwargs"], "params": self._spec.get("params")}
@@ -88,7 +132,11 @@ class AdhocEnsembleTeacher:
     ``log p = logsumexp_k log p_k - log K`` (``ensembles.combine.combine_log_probs``
     with the members' log-probabilities as logits: ``log_softmax`` leaves them as
     they are, so the arithmetic method averages the members' own distributions).
+    Soft targets at T are the mean of the members' own soft targets at T,
+    ``mean_k softmax(s_k / T)``, which depends on T.
     """
+
+    soft_scores_depend_on_temperature = True
 
     def __init__(self, members: Sequence[Teacher], specs: Sequence[str]):
         if len(members) < 2:
@@ -118,6 +166,14 @@ class AdhocEnsembleTeacher:
 
         log_p = torch.stack([m(x).float().to(x.device) for m in self.members])  # (K, B, C)
         return combine_log_probs(log_p, "arithmetic", 1.0)  # (B, C)
+
+    @torch.inference_mode()
+    def soft_scores(self, x: Tensor, temperature: float) -> Tensor:
+        """``s = T * log(mean_k softmax(s_k / T))``, so that ``softmax(s / T)`` is the mixture at T."""
+        from ensembles.combine import combine_log_probs
+
+        s_k = torch.stack([soft_scores_fn(m, temperature)(x).float().to(x.device) for m in self.members])  # (K, B, C)
+        return temperature * combine_log_probs(s_k, "arithmetic", temperature)  # (B, C)
 
     def describe(self) -> dict:
         return {"stage": self.stage, "combine": "arithmetic",

@@ -106,7 +106,9 @@ def _register() -> None:
     # import their stage lazily, so `kdens --help` stays fast.
     from kdens.cli_deploy import bench_cmd, deploy
     from kdens.cli_distill import distill
+    from kdens.cli_ensemble import train_ensemble
 
+    cli.add_command(train_ensemble)
     cli.add_command(distill)
     cli.add_command(deploy)
     cli.add_command(bench_cmd)
@@ -115,7 +117,6 @@ def _register() -> None:
 _register()
 
 _STUBS = {
-    "train-ensemble": "teachers issue",
     "train-specialists": "teachers issue",
     "run": "pipeline issue",
 }

@@ -209,13 +209,17 @@ def test_adhoc_list_of_two_generalists(runs, tmp_path, digits):
     assert man["teacher"]["stage"] == "adhoc-ensemble" and len(man["teacher"]["members"]) == 2
     assert set(man["inputs"]) == {str(runs[g] / "manifest.json") for g in ("gen0", "gen1")}
     # the teacher is the arithmetic mean of the two members' probabilities
-    def mean_probs(x):
-        probs = [torch.softmax(predict_logits(load_model(runs[g])[0], x), 1) for g in ("gen0", "gen1")]
+    def mean_probs(x, t=1.0):
+        probs = [torch.softmax(predict_logits(load_model(runs[g])[0], x) / t, 1) for g in ("gen0", "gen1")]
         return (probs[0] + probs[1]) / 2
 
     assert m["teacher_test_errors"] == int((mean_probs(digits.x_test).argmax(1).numpy() != digits.y_test).sum())
-    cached = np.load(man["soft_targets"]["path"])  # (N, C) log-probabilities over the transfer set
-    np.testing.assert_allclose(cached, torch.log(mean_probs(digits.x_train)).numpy(), atol=1e-5)
+    # the cache holds the soft targets at the run's T (4, the default) as scores s with
+    # softmax(s / T) = mean_k softmax(z_k / T); T enters the key of an arithmetic mixture
+    t = man["config"]["temperature"]
+    assert t == 4.0 and man["soft_targets"]["soft_temperature"] == t
+    cached = torch.from_numpy(np.load(man["soft_targets"]["path"]))  # (N, C) over the transfer set
+    np.testing.assert_allclose(torch.softmax(cached / t, 1).numpy(), mean_probs(digits.x_train, t).numpy(), atol=1e-6)
 
 
 def test_jitter_runs_the_teacher_online_without_a_cache(runs, tmp_path):
