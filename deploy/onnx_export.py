@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import shutil
 import tempfile
 import warnings
@@ -54,6 +55,8 @@ def export_onnx(model: nn.Module, path: Path, example: np.ndarray) -> dict:
         ``{"exporter": "dynamo"|"legacy", "note": str|None}``.
     """
     x = torch.from_numpy(np.ascontiguousarray(example[:2], dtype=np.float32))
+    # the exporter logs one warning per torchvision op it cannot register: noise for our nets
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     was_training = model.training
     model.eval()
     try:

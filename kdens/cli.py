@@ -107,8 +107,10 @@ def _register() -> None:
     from kdens.cli_deploy import bench_cmd, deploy
     from kdens.cli_distill import distill
     from kdens.cli_ensemble import train_ensemble
+    from kdens.cli_specialists import train_specialists
 
     cli.add_command(train_ensemble)
+    cli.add_command(train_specialists)
     cli.add_command(distill)
     cli.add_command(deploy)
     cli.add_command(bench_cmd)
@@ -117,7 +119,6 @@ def _register() -> None:
 _register()
 
 _STUBS = {
-    "train-specialists": "teachers issue",
     "run": "pipeline issue",
 }
 for _name, _issue in _STUBS.items():

@@ -38,6 +38,22 @@ EVALUATORS["generalist"] = _evaluate_single
 EVALUATORS["student"] = _evaluate_single
 
 
+def _evaluate_specialists(run_dir: Path, manifest: dict) -> dict:
+    from specialists.stage import evaluate_specialists  # imported when asked for: the spine stays light
+
+    return evaluate_specialists(run_dir, manifest)
+
+
+def _evaluate_specialist(run_dir: Path, manifest: dict) -> dict:
+    from specialists.stage import evaluate_specialist
+
+    return evaluate_specialist(run_dir, manifest)
+
+
+EVALUATORS["specialists"] = _evaluate_specialists  # generalist + specialists, combined
+EVALUATORS["specialist"] = _evaluate_specialist  # one specialist folder (spec-NN): its |S| + 1-way task
+
+
 def evaluate_run(run_dir: Path) -> dict:
     manifest = read_manifest(run_dir)
     stage = manifest.get("stage")

@@ -1,0 +1,73 @@
+"""``kdens train-specialists``: the command line of the specialists stage (registered in kdens/cli.py).
+
+``kdens evaluate`` knows ``specialists`` and ``specialist`` folders through kdens.evaluate.EVALUATORS.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from kdens.cli_common import _CONTEXT, _RUN_KEYS, _layers, run_options, train_options
+
+
+@click.command("train-specialists", context_settings=_CONTEXT)
+@click.option("--generalist", type=str, metavar="RUN", help="Folder of a finished kdens train-generalist run.")
+@click.option("--clusters", type=click.IntRange(min=1), metavar="K",
+              help="k-means clusters of the classes; groups of one class get no specialist.")
+@click.option("--groups", type=str, metavar="GROUPS",
+              help='Class groups by hand instead of --clusters: "0,2,4,6;5,7,9".')
+@click.option("--affinity", type=click.Choice(["covariance", "normalized", "correlation"]),
+              help="Matrix whose columns k-means clusters [normalized].")
+@click.option("--cluster-algorithm", type=click.Choice(["minibatch", "kmeans"]),
+              help="Online (as in the paper) or Lloyd k-means [minibatch].")
+@click.option("--top-n", type=click.IntRange(min=1),
+              help="Specialists of the generalist's top-n classes take part [1].")
+@click.option("--rank", type=click.IntRange(min=0), help="Train only specialists m with m mod W = R [RANK or 0].")
+@click.option("--world-size", type=click.IntRange(min=1),
+              help="Number of ranks W sharing the specialists [WORLD_SIZE or 1].")
+@train_options
+@run_options
+def train_specialists(**flags):
+    """Train specialists for the generalist's confusable classes and combine them (Hinton et al. 2015, sec. 5).
+
+    The generalist's predictions on its validation split are clustered into groups of
+    classes it confuses (clusters.json, clusters.png). Each group gets a specialist
+    (spec-00 ...): the generalist's architecture with the group's classes plus a dustbin,
+    started from its weights, trained on batches half from the group, dustbin corrected.
+    The generalist and its active specialists are combined on the test split
+    (metrics.json). Data and architecture are the generalist's; a specialist's epoch is
+    one pass over its group's examples. A rerun skips finished specialists; --resume
+    continues an interrupted one; ranks share them (m mod W).
+
+    \b
+    Example:
+      kdens train-specialists --generalist runs/fm/cnn --clusters 3 --epochs 5 --lr 0.01 \\
+          --out runs/fm/specialists
+      kdens train-specialists --generalist runs/d/generalist --groups "3,5,8;1,7" --out runs/d/spec
+      kdens evaluate runs/fm/specialists
+    """
+    from kdens.config import build
+    from specialists.config import SpecialistsConfig
+    from specialists.stage import pending_specialists, run
+
+    opts = {k: flags[k] for k in _RUN_KEYS}
+    rank, world = flags.pop("rank"), flags.pop("world_size")
+    file_layer, flag_layer, out = _layers(opts["config_file"], ("train-specialists", "specialists"), dict(flags))
+    cfg = build(SpecialistsConfig, file_layer, flag_layer)
+    run_dir = run(cfg, out, resume=opts["resume"], force=opts["force"], progress=not opts["quiet"],
+                  rank=rank, world_size=world)
+    if not (run_dir / "manifest.json").exists():
+        waiting = ", ".join(f"spec-{m:02d}" for m in pending_specialists(run_dir))
+        click.echo(f"{run_dir}: this rank's specialists are done; waiting for {waiting} (the call that "
+                   "finishes the last one writes metrics.json and manifest.json)")
+        return
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for g, names in zip(m["groups"], m["group_class_names"]):
+        click.echo(f"group {g}: {', '.join(names)}")
+    cov = m["covered"]
+    click.echo(f"{run_dir}: generalist test_accuracy={m['generalist']['test_accuracy']:.4f}  "
+               f"combined test_accuracy={m['combined']['test_accuracy']:.4f}  "
+               f"on covered classes {cov['generalist_accuracy']:.4f} -> {cov['combined_accuracy']:.4f} "
+               f"(n={cov['count']})  train_seconds={m['train_seconds']:.1f}")
