@@ -26,13 +26,22 @@ import torch
 
 from ensembles.combine import ensemble_metrics
 from ensembles.config import EnsembleConfig
-from kdens.artifacts import MANIFEST, atomic_write_json, read_json, read_manifest, sha256_file, to_json, write_manifest
+from kdens.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    read_json,
+    read_manifest,
+    sha256_file,
+    to_json,
+    write_manifest,
+)
 from kdens.config import to_dict
 from kdens.data import Dataset, load_dataset
-from kdens.errors import ArtifactError, ConfigError
+from kdens.errors import ArtifactError
 from kdens.evaluate import dataset_for_run
 from kdens.generalist import prepare_run_dir, train_model
 from kdens.models import build_model, load_model
+from kdens.shard import rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits, resolve_device
 
 METRIC_KEYS = ("accuracy", "errors", "nll", "ece")
@@ -40,26 +49,6 @@ METRIC_KEYS = ("accuracy", "errors", "nll", "ece")
 
 def member_dir(run_dir: Path, k: int) -> Path:
     return Path(run_dir) / f"member-{k:02d}"
-
-
-def shard(num_members: int, rank: int, world_size: int) -> list[int]:
-    """The members rank ``rank`` of ``world_size`` trains: k with k mod W == rank."""
-    return [k for k in range(num_members) if k % world_size == rank]
-
-
-def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Explicit values, else torchrun's ``RANK`` / ``WORLD_SIZE``, else (0, 1); checked."""
-    try:
-        world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
-        r = int(rank if rank is not None else os.environ.get("RANK", "0"))
-    except ValueError:
-        raise ConfigError(f"RANK / WORLD_SIZE must be integers, got {os.environ.get('RANK')!r} / "
-                          f"{os.environ.get('WORLD_SIZE')!r}") from None
-    if world < 1:
-        raise ConfigError(f"--world-size {world} must be >= 1")
-    if not 0 <= r < world:
-        raise ConfigError(f"--rank {r} must lie in [0, --world-size {world})")
-    return r, world
 
 
 # ---------------------------------------------------------------- pure scoring

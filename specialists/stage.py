@@ -30,14 +30,22 @@ import numpy as np
 import torch
 
 from kdens import metrics as M
-from kdens.artifacts import (MANIFEST, atomic_write_json, read_json, read_manifest, sha256_file, to_json,
-                             write_manifest)
+from kdens.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    read_json,
+    read_manifest,
+    sha256_file,
+    to_json,
+    write_manifest,
+)
 from kdens.config import to_dict
 from kdens.data import Dataset, stratified_subset
 from kdens.errors import ArtifactError, ConfigError, DataError, ModelError
 from kdens.evaluate import dataset_for_run
 from kdens.generalist import prepare_run_dir, run_key
 from kdens.models import load_model
+from kdens.shard import rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits, resolve_device
 from specialists.cluster import ConfusionClusterer, parse_groups
 from specialists.config import SpecialistsConfig
@@ -51,26 +59,6 @@ CLUSTERS, HEATMAP = "clusters.json", "clusters.png"
 
 def spec_dir(run_dir: Path, m: int) -> Path:
     return Path(run_dir) / f"spec-{m:02d}"
-
-
-def shard(num_specialists: int, rank: int, world_size: int) -> list[int]:
-    """The specialists rank ``rank`` of ``world_size`` trains: m with m mod W == rank."""
-    return [m for m in range(num_specialists) if m % world_size == rank]
-
-
-def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Explicit values, else torchrun's ``RANK`` / ``WORLD_SIZE``, else (0, 1); checked."""
-    try:
-        world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
-        r = int(rank if rank is not None else os.environ.get("RANK", "0"))
-    except ValueError:
-        raise ConfigError(f"RANK / WORLD_SIZE must be integers, got {os.environ.get('RANK')!r} / "
-                          f"{os.environ.get('WORLD_SIZE')!r}") from None
-    if world < 1:
-        raise ConfigError(f"--world-size {world} must be >= 1")
-    if not 0 <= r < world:
-        raise ConfigError(f"--rank {r} must lie in [0, --world-size {world})")
-    return r, world
 
 
 # ---------------------------------------------------------------- reading the generalist
