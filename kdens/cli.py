@@ -18,7 +18,6 @@ from kdens.cli_common import (_CONTEXT, _RUN_KEYS, _layers, _print_metrics, data
 from kdens.errors import GateFailed, KdensError
 
 
-
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -39,7 +38,12 @@ def cli():
     \b
     Stages hand over through run folders:
       kdens train-generalist --data digits --model mlp --out runs/d/generalist
-      kdens evaluate runs/d/generalist
+      kdens train-ensemble --data digits --model cnn --members 5 --out runs/d/ensemble
+      kdens train-specialists --generalist runs/d/generalist --clusters 3 --out runs/d/specialists
+      kdens distill --teacher runs/d/specialists --model mlp --model-arg hidden=64 --out runs/d/student
+      kdens deploy --model runs/d/student --target onnx --quantize int8 --out runs/d/deploy
+      kdens bench runs/d/deploy
+      kdens evaluate runs/d/specialists
     """
 
 
