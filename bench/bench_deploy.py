@@ -68,7 +68,7 @@ def _run(cmd: list[str], log: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
     return {"command": _shell(cmd, {"OMP_NUM_THREADS": "1"}), "returncode": r.returncode,
             "wall_s": round(time.perf_counter() - t0, 1), "log": str(log)}
 
@@ -163,7 +163,10 @@ def hand_litert_int8(model, x_calib: np.ndarray, path: Path) -> None:
     """TOOLCHAIN.md's TFLite recipe: PT2E static int8 at a fixed batch-1 shape, litert_torch.convert."""
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     import litert_torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -308,7 +311,7 @@ def weight_bound(run: Path, timing: dict) -> dict:
 
 # ---------------------------------------------------------------- report
 def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
     get = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in lscpu if ":" in ln}
     return {"model_name": get.get("Model name"), "cpus": get.get("CPU(s)"),
             "cores_per_socket": get.get("Core(s) per socket"), "hypervisor": get.get("Hypervisor vendor"),
@@ -319,11 +322,11 @@ def _render_hand(key: str, h: dict, kdens_acc: dict) -> list[str]:
     t, sm = h["timing"], h["summary"]
     med, quiet = t["median_p50_ms"], t["quiet_p50_ms"]
     L = [f"## 2. Batch-1, 1-thread latency: kdens vs hand-made int8 exports ({key}: {h['model_run']})", "",
-         f"{t['rounds']} rounds x {len(med)} variants, >= {t['min_seconds_per_measurement']} s and >= 100 calls per "
+         (f"{t['rounds']} rounds x {len(med)} variants, >= {t['min_seconds_per_measurement']} s and >= 100 calls per "
          f"measurement, pinned to CPU {t['pinned_cpus']}, input = test image 0 for all. median = median over rounds "
-         "of the per-round p50; quiet = 10th percentile over rounds of the per-round p50.", "",
-         "| variant | median p50 (ms) | quiet p50 (ms) | min p50 (ms) | median p90 (ms) | vs best hand (median) "
-         "| vs best hand (quiet) | test accuracy |", "|---|---|---|---|---|---|---|---|"]
+         "of the per-round p50; quiet = 10th percentile over rounds of the per-round p50."), "",
+         ("| variant | median p50 (ms) | quiet p50 (ms) | min p50 (ms) | median p90 (ms) | vs best hand (median) "
+         "| vs best hand (quiet) | test accuracy |"), "|---|---|---|---|---|---|---|---|"]
     bm, bq = med[sm["median"]["best_hand"]], quiet[sm["quiet"]["best_hand"]]
     accs = {**{k: v["accuracy"] for k, v in h["hand_accuracy"].items()},
             **{f"kdens {k}": v for k, v in kdens_acc.items()}}
@@ -339,27 +342,34 @@ def _render_hand(key: str, h: dict, kdens_acc: dict) -> list[str]:
             line += (f"; kdens' choice ({h['kdens_choice_source']}) {h['kdens_choice']}: "
                      f"**{v['kdens_choice_vs_best_hand']['ratio']:.3f}x** the best hand-made, never slower: "
                      f"{'yes' if v['never_slower'] else 'NO'}")
-        L.append(line + ". Like for like (same calling interface): " + "; ".join(
-            f"{w} {c['kdens'].removeprefix('kdens ')}/{c['hand']} = {c['ratio']:.3f}" for w, c in v["like_for_like"].items()) + ".")
+        pairs = [f"{w} {c['kdens'].removeprefix('kdens ')}/{c['hand']} = {c['ratio']:.3f}"
+                 for w, c in v["like_for_like"].items()]
+        L.append(line + ". Like for like (same calling interface): " + "; ".join(pairs) + ".")
+    fastest_kdens = min((n for n in med if n.startswith("kdens ")), key=med.get)
+    if h["kdens_choice"] and h["kdens_choice"] != fastest_kdens:
+        L.append(f"- `kdens bench` put {h['kdens_choice'].removeprefix('kdens ')} first, but interleaved here "
+                 f"{fastest_kdens.removeprefix('kdens ')} is {med[h['kdens_choice']] / med[fastest_kdens]:.2f}x faster "
+                 f"(median; {quiet[h['kdens_choice']] / quiet[fastest_kdens]:.2f}x quiet): `kdens bench` times the "
+                 "artifacts one after another, unpinned, so load drift on a shared machine can reorder close ones.")
     pr = h.get("per_round_choice_vs_best_hand") or {}
     if pr:
-        L.append(f"- per round: median of (kdens' choice / best hand-made in the same round) = {pr['ratio_median']:.3f}; "
-                 f"slower in {pr['rounds_slower']} of {t['rounds']} rounds.")
+        L.append(f"- per round: median of (kdens' choice / best hand-made in the same round) = "
+                 f"{pr['ratio_median']:.3f}; slower in {pr['rounds_slower']} of {t['rounds']} rounds.")
     return L + [""]
 
 
 def render(res: dict) -> str:
     m, L = res["machine"], []
     L += ["# Deploy benchmark (Fashion-MNIST)", "",
-          f"Machine: {m['model_name']}, {m['cpus']} CPUs ({m['cores_per_socket']} cores/socket, "
+          (f"Machine: {m['model_name']}, {m['cpus']} CPUs ({m['cores_per_socket']} cores/socket, "
           f"{m['hypervisor']} VM). Load average at start {res['loadavg_start']}, before timing "
           f"{res['loadavg_before_timing']}, at end {res['loadavg_end']}: the machine was shared with other "
           "jobs, so every latency comparison below is interleaved in one process (rounds x variants, order "
-          "rotated each round, median over rounds of the per-round p50) and pinned to one CPU with one thread.",
+          "rotated each round, median over rounds of the per-round p50) and pinned to one CPU with one thread."),
           "", f"Produced by `{res['command']}` in {res['wall_s']:.0f} s.", "",
           "## 1. int8 accuracy and size (from each deploy's report.json)", "",
-          "| model | target | PyTorch float | float export | int8 | drop (pts) | int8 size (KB) | float size (KB) "
-          "| ratio | acc <= 0.5 | size <= 0.3x |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+          ("| model | target | PyTorch float | float export | int8 | drop (pts) | int8 size (KB) | float size (KB) "
+          "| ratio | acc <= 0.5 | size <= 0.3x |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["accuracy_size"]:
         drop = max(r["drop_vs_pytorch_points"], r["drop_vs_float_export_points"])
         L.append(f"| {r['model']} | {r['target']} | {100 * r['pytorch_float_accuracy']:.2f}% | "
@@ -380,20 +390,20 @@ def render(res: dict) -> str:
     L += ["```", ""]
     for key, h in res["hand_vs_kdens"].items():
         L += _render_hand(key, h, res["kdens_accuracy"][key])
-    L += ["Hand-made exports follow /work/shared/TOOLCHAIN.md: `torch.onnx.export(dynamo=True)` + `quant_pre_process` "
+    L += [("Hand-made exports follow /work/shared/TOOLCHAIN.md: `torch.onnx.export(dynamo=True)` + `quant_pre_process` "
           "+ `quantize_static(QDQ, per_channel=True, QInt8/QInt8)` (no reduce_range); PT2E symmetric per-channel "
           "static int8 at a fixed (1,1,28,28) shape + `litert_torch.convert` (int8 in/out; its input is quantized "
           "before timing, so its row is the runtime call alone; `+numpy-io` adds the numpy quantize/dequantize a "
           "float caller needs). Both are calibrated on the same 512 training rows as kdens. kdens' tflite-int8 "
           "has float I/O (QUANTIZE/DEQUANTIZE ops inside the file), tflite-int8-int8io (`--io int8`) has int8 "
           "I/O like the hand-made file (input quantized before timing); both have signatures b1 and b32 (b1 "
-          "timed). All rows go through deploy/edge_runner.py's OnnxModel / TFLiteModel runners.", ""]
+          "timed). All rows go through deploy/edge_runner.py's OnnxModel / TFLiteModel runners."), ""]
     w = res["weight_bound"]
     L += ["## 3. int8 MLP 800-800 at batch 1 vs the weight-streaming bound", "",
-          f"int8 weights {w['weight_bytes']} B; memory bandwidth {w['bandwidth_gbps']:.1f} GB/s (best of "
+          (f"int8 weights {w['weight_bytes']} B; memory bandwidth {w['bandwidth_gbps']:.1f} GB/s (best of "
           f"{len(w['bandwidth_samples_gbps'])}: {', '.join(f'{b:.1f}' for b in w['bandwidth_samples_gbps'])}); "
           f"bound = {w['latency_bound_ms']:.4f} ms. Last-level cache {w['cache_bytes'] >> 20} MiB: weights fit in "
-          f"cache: **{'yes' if w['weights_fit_in_cache'] else 'no'}**.", "",
+          f"cache: **{'yes' if w['weights_fit_in_cache'] else 'no'}**."), "",
           "| variant | b1 p50 median (ms) | / bound | b1 p50 quiet (ms) | / bound |", "|---|---|---|---|---|"]
     for n, v in w["measured_b1_p50_ms"].items():
         L.append(f"| {n} | {v['median']:.4f} | {v['median'] / w['latency_bound_ms']:.2f} | {v['quiet']:.4f} | "
@@ -417,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-seconds", type=float, default=0.05, help="timed seconds per measurement")
     p.add_argument("--reuse", action="store_true", help="skip deploys whose folder has a manifest.json")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--render-only", action="store_true", help="rewrite deploy.md from an existing deploy.json")
     a = p.parse_args(argv)
+    if a.render_only:
+        atomic_write_text(a.results / "deploy.md", render(json.loads((a.results / "deploy.json").read_text())))
+        return 0
     t0 = time.perf_counter()
     res: dict = {"command": _shell([sys.executable, "bench/bench_deploy.py", *(argv or sys.argv[1:])],
                                    {"OMP_NUM_THREADS": "1"}),

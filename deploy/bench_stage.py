@@ -28,20 +28,48 @@ def _reports(deploy_dir: Path) -> dict[str, dict]:
     return found
 
 
-def remeasure(deploy_dir: Path, name: str, report: dict, threads, batch_sizes, opts) -> dict:
-    """Fresh latency of one ONNX/TFLite artifact in this process (parity re-checked on its samples)."""
-    folder = Path(deploy_dir) / name
-    model_file = report.get("model_file")
-    if not model_file or Path(model_file).suffix not in (".onnx", ".tflite"):
-        return report  # fpga: no host latency to measure
-    x = np.load(folder / common.SAMPLE_X)
-    ref = np.load(folder / common.SAMPLE_TORCH)
-    res = edge_runner.run_one(folder / model_file, x, ref, threads=tuple(threads), batch_sizes=tuple(batch_sizes),
-                              warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
-                              min_seconds=opts.latency_min_seconds)
-    if not res["loads"]:
-        raise ArtifactError(f"{folder / model_file} no longer loads ({res['error']}); redeploy it")
-    return {**report, "latency_ms": res["latency_ms"], "latency_source": "kdens bench (side by side)"}
+def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_sizes, opts,
+                  rounds: int = 15) -> dict[str, dict]:
+    """Fresh latency of every ONNX/TFLite artifact, timed interleaved in this process.
+
+    Each round times every (artifact, batch size) once, pinned to ``t`` CPUs, in an order
+    rotated every round; each reported statistic is the median over rounds. Timing the
+    artifacts one after another instead lets load drift on a shared machine decide the
+    ranking (a small CNN's tflite-float came out first although onnx-int8 was 1.15x faster
+    when interleaved). Parity is re-checked on each folder's samples.
+    """
+    from deploy import latency
+
+    models, out = {}, dict(reports)
+    for name, report in reports.items():
+        folder = Path(deploy_dir) / name
+        model_file = report.get("model_file")
+        if not model_file or Path(model_file).suffix not in (".onnx", ".tflite"):
+            continue  # fpga: no host latency to measure
+        x, ref = np.load(folder / common.SAMPLE_X), np.load(folder / common.SAMPLE_TORCH)
+        res = edge_runner.run_one(folder / model_file, x, ref, latency=False)
+        if not res["loads"]:
+            raise ArtifactError(f"{folder / model_file} no longer loads ({res['error']}); redeploy it")
+        models[name] = (folder / model_file, x)
+    stats: dict[str, dict[str, list[dict]]] = {n: {} for n in models}
+    for t in threads:
+        with latency.pinned(t):
+            runners = {n: edge_runner.load(path, num_threads=t) for n, (path, _) in models.items()}
+            jobs = [(n, bs) for n in models for bs in batch_sizes
+                    if not runners[n].signatures or bs in runners[n].signatures]
+            for r in range(rounds):
+                k = r % len(jobs) if jobs else 0
+                for n, bs in jobs[k:] + jobs[:k]:
+                    m = runners[n]
+                    xb = m.prepare(latency.batch_of(models[n][1], bs), bs)
+                    stats[n].setdefault(latency.latency_key(bs, t), []).append(latency.measure(
+                        m.run_fn(bs), xb, warmup=opts.latency_warmup, min_runs=max(1, opts.latency_min_runs // rounds),
+                        min_seconds=opts.latency_min_seconds / rounds))
+    for n, per_key in stats.items():
+        lat = {key: {s: float(np.median([m[s] for m in ms])) for s in ("p50", "p90", "p99", "mean", "min")}
+               | {"runs": int(sum(m["runs"] for m in ms)), "rounds": len(ms)} for key, ms in per_key.items()}
+        out[n] = {**reports[n], "latency_ms": lat, "latency_source": f"kdens bench (interleaved, {rounds} rounds)"}
+    return out
 
 
 def baseline(deploy_dir: Path, reports: dict[str, dict], opts) -> dict | None:
@@ -69,7 +97,7 @@ def run(deploy_dir: Path, threads, batch_sizes, *, imports: tuple[Path, ...] = (
     opts = common.DeployOptions(threads=threads, batch_sizes=batch_sizes)
     reports = _reports(deploy_dir)
     if measure:
-        reports = {n: remeasure(deploy_dir, n, r, opts.threads, opts.batch_sizes, opts) for n, r in reports.items()}
+        reports = remeasure_all(deploy_dir, reports, opts.threads, opts.batch_sizes, opts)
         base = baseline(deploy_dir, reports, opts)
         if base is not None:
             reports[BASELINE] = base
