@@ -1,0 +1,76 @@
+"""Reproduce BENCHMARKS.md: every benchmark, in dependency order, with the commands it lists.
+
+    make bench            # or: .venv/bin/python bench/run_all.py [--only NAME ...]
+
+Long (hours on 2 CPU cores; needs `apt-get install dataset-fashion-mnist`). Finished runs
+are reused (each stage skips a run folder whose manifest exists), so an interrupted
+`make bench` continues where it stopped. Long jobs run single-threaded, two at a time:
+on a 2-core machine that beats one 2-thread job whenever anything else is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PY = sys.executable
+KD = [PY, "-m", "kdens"]
+FM = ["--data", "fashion-mnist"]
+
+
+def kdens_if_missing(out: str, *args: str) -> list[str] | None:
+    return None if (Path(out) / "manifest.json").exists() else [*KD, *args, "--out", out, "--quiet"]
+
+
+STEPS: dict[str, list] = {
+    "generalists": [
+        kdens_if_missing("runs/fm/generalist", "train-generalist", *FM, "--model", "mlp", "--model-arg",
+                         "hidden=1200,1200", "--model-arg", "dropout=0.5", "--model-arg", "input_dropout=0.2",
+                         "--jitter", "2", "--epochs", "30", "--seed", "0"),
+        kdens_if_missing("runs/fm/cnn", "train-generalist", *FM, "--model", "cnn", "--model-arg", "width=32",
+                         "--model-arg", "hidden=128", "--epochs", "15", "--seed", "0"),
+    ],
+    "throughput": [[PY, "bench/bench_train.py", "--data", "fashion-mnist", "--reps", "3", "--threads", "2",
+                    "--out", "bench/results/train_throughput_quiet.json"]],
+    "distill": [[PY, "bench/bench_distill.py", "--teacher", "runs/fm/cnn", "--runs", "runs/fm", "--epochs", "15",
+                 "--seeds", "0,1,2", "--temperature", "20", "--grad-clip", "5", "--jobs", "2",
+                 "--out", "bench/results/distill-cnn-T20-clip5"],
+                [PY, "bench/bench_distill_speed.py", "--threads", "1", "--subset", "3000", "--reps", "40"]],
+    "ensemble": [[PY, "bench/bench_ensemble.py", "--data", "fashion-mnist", "--model", "cnn", "--members", "5",
+                  "--epochs", "6", "--jobs", "2", "--out", "runs/fm/ensemble-cnn5", "--report",
+                  "bench/results/ensemble"]],
+    "specialists": [[PY, "bench/bench_specialists.py", "--generalist", "runs/fm/cnn", "--clusters", "3",
+                     "--seeds", "0", "--epochs", "2", "--extra", "--lr 0.01", "--jobs", "1",
+                     "--out", "runs/fm/specialists-cnn", "--report", "bench/results/specialists"]],
+    "combine": [[PY, "bench/bench_combine.py", "--top-n", "1,2", "--threads", "1", "--json",
+                 "bench/results/combine.json"]],
+    "deploy": [[PY, "bench/bench_deploy.py", "--reuse"]],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=list(STEPS), help="run just these steps")
+    args = ap.parse_args()
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    single = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, cmds in STEPS.items():
+        if args.only and name not in args.only:
+            continue
+        for cmd in cmds:
+            if cmd is None:
+                print(f"[{name}] reused", flush=True)
+                continue
+            print(f"[{name}] $ {' '.join(cmd)}", flush=True)
+            env = os.environ if name == "throughput" else single  # throughput measures the 2-thread loop
+            if subprocess.run(cmd, env=env).returncode != 0:
+                print(f"[{name}] failed; fix it and rerun `make bench` (finished runs are reused)", file=sys.stderr)
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
