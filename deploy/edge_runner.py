@@ -167,20 +167,28 @@ def load(path: Path, runtime: str = "auto", num_threads: int = 1):
     return TFLiteModel(path, runtime, num_threads)
 
 
-def percentiles(fn, xb: np.ndarray, warmup: int, min_runs: int, min_seconds: float) -> dict:
-    """p50/p90/p99/mean (ms) of single timed calls ``fn(xb)``."""
+def percentiles(fn, xb: np.ndarray, warmup: int, min_runs: int, min_seconds: float,
+                max_runs: int | None = None) -> dict:
+    """p50/p90/p99/mean/min (ms) of single timed calls ``fn(xb)``.
+
+    Runs ``warmup`` untimed calls, then timed calls until both ``min_runs`` calls and
+    ``min_seconds`` seconds are reached (or ``max_runs``). The one timing loop of kdens:
+    host measurements (deploy/latency.py) call it too, so device rows merged into
+    ``kdens bench`` are measured the same way as host rows.
+    """
     for _ in range(warmup):
         fn(xb)
     times = []
     deadline = time.perf_counter_ns() + int(min_seconds * 1e9)
-    while len(times) < min_runs or time.perf_counter_ns() < deadline:
+    while (max_runs is None or len(times) < max_runs) and (len(times) < min_runs
+                                                          or time.perf_counter_ns() < deadline):
         t0 = time.perf_counter_ns()
         fn(xb)
         times.append(time.perf_counter_ns() - t0)
     ms = np.asarray(times, dtype=np.float64) / 1e6
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()),
-            "runs": len(times)}
+            "min": float(ms.min()), "runs": len(times)}
 
 
 def compare(out: np.ndarray, ref: np.ndarray) -> dict:

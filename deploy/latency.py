@@ -40,18 +40,10 @@ def measure(run_fn: Callable[[np.ndarray], Any], x_batch: np.ndarray, warmup: in
     """
     if min_runs < 1:
         raise ConfigError(f"min_runs={min_runs} must be >= 1")
-    for _ in range(warmup):
-        run_fn(x_batch)
-    times: list[int] = []
-    deadline = time.perf_counter_ns() + int(min_seconds * 1e9)
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter_ns() < deadline):
-        t0 = time.perf_counter_ns()
-        run_fn(x_batch)
-        times.append(time.perf_counter_ns() - t0)
-    ms = np.asarray(times, dtype=np.float64) / 1e6
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()),
-            "min": float(ms.min()), "runs": len(times)}
+    # edge_runner ships alone in device bundles (numpy only), so the loop lives there
+    from deploy.edge_runner import percentiles
+
+    return percentiles(run_fn, x_batch, warmup, min_runs, min_seconds, max_runs=max_runs)
 
 
 def latency_key(batch_size: int, threads: int) -> str:
