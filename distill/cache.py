@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdens.artifacts import atomic_write_json
+from kdens.artifacts import FILE_MODE, atomic_write_json
 from kdens.errors import ArtifactError, ConfigError, DataError, ModelError
 
 CACHE_FORMAT = 1
@@ -185,6 +185,7 @@ def build_or_load(
     # the old manifest goes first: from here on the folder reads as unfinished
     manifest_path.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=d, prefix="logits.npy.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

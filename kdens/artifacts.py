@@ -21,6 +21,10 @@ import numpy as np
 from kdens.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of files written here: what open() would give (mkstemp's 0600 would hide run folders from others)."""
 
 
 def _atomic_write(path: Path, write_fn) -> Path:
@@ -29,6 +33,7 @@ def _atomic_write(path: Path, write_fn) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()

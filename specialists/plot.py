@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdens.artifacts import FILE_MODE
 from kdens.errors import ConfigError
 
 
@@ -78,6 +79,7 @@ def save_covariance_heatmap(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format=path.suffix.lstrip(".") or "png")
