@@ -7,7 +7,6 @@ stderr and exit code 2; a failed deploy gate exits 1.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -44,6 +43,9 @@ def cli():
       kdens deploy --model runs/d/student --target onnx --quantize int8 --out runs/d/deploy
       kdens bench runs/d/deploy
       kdens evaluate runs/d/specialists
+    \b
+    Or all of it from one file, reusing finished stages:
+      kdens run examples/digits.toml
     """
 
 
@@ -95,22 +97,13 @@ def evaluate(run_dir: Path, out: Path | None):
     click.echo(text)
 
 
-def _not_built(name: str, issue: str):
-    @cli.command(name, context_settings={**_CONTEXT, "ignore_unknown_options": True},
-                 help=f"Not built yet: {issue}.", short_help=f"(not built yet: {issue})")
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def stub(args):
-        click.echo(f"Error: 'kdens {name}' is not built yet ({issue}).", err=True)
-        sys.exit(2)
-    return stub
-
-
 def _register() -> None:
     # Stage commands live beside this module (one file per stage keeps each small); they
     # import their stage lazily, so `kdens --help` stays fast.
     from kdens.cli_deploy import bench_cmd, deploy
     from kdens.cli_distill import distill
     from kdens.cli_ensemble import train_ensemble
+    from kdens.cli_pipeline import report_cmd, run_cmd
     from kdens.cli_specialists import train_specialists
 
     cli.add_command(train_ensemble)
@@ -118,15 +111,12 @@ def _register() -> None:
     cli.add_command(distill)
     cli.add_command(deploy)
     cli.add_command(bench_cmd)
+    cli.add_command(run_cmd)
+    cli.add_command(report_cmd)
 
 
 _register()
 
-_STUBS = {
-    "run": "pipeline issue",
-}
-for _name, _issue in _STUBS.items():
-    _not_built(_name, _issue)
 
 
 def main() -> None:

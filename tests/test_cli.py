@@ -93,7 +93,6 @@ def test_interrupted_folder_needs_resume(tmp_path, digits):
     assert r.exit_code == 2 and "--resume" in r.output
 
 
-@pytest.mark.parametrize("cmd", ["run"])
-def test_unbuilt_commands_exit_2(cmd):
-    r = CliRunner().invoke(cli, [cmd, "x"])
-    assert r.exit_code == 2 and "not built yet" in r.output
+def test_run_missing_config_exits_2(tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.toml")])
+    assert r.exit_code == 2 and "nope.toml" in r.output and "Traceback" not in r.output

@@ -1,0 +1,242 @@
+"""``kdens run``: every stage of a pipeline file, in order, reusing what is already done.
+
+Each stage gets a key: the sha256 of its kind, its resolved config and the sha256 of the
+manifests of the stages it reads. ``pipeline.json`` in the experiment folder records,
+per stage, the key it last ran with and the sha256 of the manifest it produced. A stage
+is *reused* when its manifest is there, unchanged, and was made with today's key; a
+changed config changes the key, and a redone stage writes a new manifest, which changes
+the keys of everything downstream, so invalidation follows the data. ``--from STAGE``
+forces a redo from that stage on. A stage interrupted mid-way (its key recorded as
+running, no manifest yet) is continued with the stage's own ``resume``.
+
+With ``kdens/cli.py`` this is the only module that reaches every stage package; it
+imports each lazily, inside the function that runs that kind of stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from kdens.artifacts import MANIFEST, atomic_write_json, read_json, sha256_file, to_json
+from kdens.errors import GateFailed, KdensError
+from kdens.plan import Plan, Stage
+
+STATE = "pipeline.json"
+
+
+@dataclass
+class Decision:
+    """What ``kdens run`` does with one stage: reuse it, run it fresh, or continue it."""
+
+    action: str
+    """'reuse', 'run' or 'resume'."""
+    why: str
+    """One phrase for the log: 'unchanged', 'config changed', 'forced by --from', ..."""
+
+
+@dataclass
+class Outcome:
+    """The result of ``run_pipeline``: per-stage records and whether a deploy gate failed."""
+
+    exp_dir: Path
+    records: list[dict] = field(default_factory=list)
+    gate_failures: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+
+def product(plan: Plan, stage: Stage) -> Path:
+    """The file whose presence says the stage finished (written last by the stage)."""
+    folder = plan.exp_dir / stage.dir
+    return folder / ("bench.json" if stage.kind == "bench" else MANIFEST)
+
+
+def stage_key(stage: Stage, upstream: dict[str, str | None]) -> str:
+    """sha256 of what determines a stage's output: kind, config, and its inputs' manifests."""
+    cfg = stage.config_dict()
+    if isinstance(cfg.get("train"), dict):  # where a model trains does not change what it is
+        cfg["train"] = {k: v for k, v in cfg["train"].items() if k != "device"}
+    text = to_json({"kind": stage.kind, "config": cfg, "inputs": upstream})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _external_inputs(stage: Stage) -> dict[str, str | None]:
+    """Teacher run folders from outside the pipeline count as inputs by their manifest's hash."""
+    teacher = getattr(stage.config, "teacher", None) if stage.kind == "student" else None
+    out = {}
+    for part in str(teacher or "").split(","):
+        path = Path(part) / MANIFEST
+        if part and path.exists():
+            out[part] = sha256_file(path)
+    return out
+
+
+def decide(plan: Plan, stage: Stage, key: str, previous: dict | None, forced: bool) -> Decision:
+    """Reuse, run or resume ``stage`` (pure apart from looking at its files)."""
+    done = product(plan, stage)
+    if forced:
+        return Decision("run", "forced by --from")
+    if previous is None:
+        return Decision("run", "new")
+    if previous.get("key") != key:
+        return Decision("run", "config or inputs changed")
+    if done.exists():
+        if previous.get("manifest_sha256") in (None, sha256_file(done)):
+            return Decision("reuse", "unchanged")
+        return Decision("run", f"{done.name} changed outside kdens run")
+    return Decision("resume", "interrupted") if previous.get("status") == "running" else Decision("run", "unfinished")
+
+
+def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = True, dry_run: bool = False,
+                 log: Callable[[str], None] = print) -> Outcome:
+    """Run (or reuse) every stage of ``plan``; write ``pipeline.json`` after each and the report at the end.
+
+    Raises:
+        KdensError: a stage failed on bad input or data; earlier stages stay as they are and
+            ``pipeline.json`` records the failure.
+        GateFailed: a deploy budget or check failed (after every stage and the report ran).
+    """
+    exp = plan.exp_dir
+    start = plan.start_index(from_stage) if from_stage else len(plan.stages)
+    state = _load_state(exp)
+    previous = {r["name"]: r for r in state.get("stages", [])}
+    out = Outcome(exp)
+    t0 = time.time()
+    doc = {"name": plan.name, "config_file": plan.config_file, "config": plan.doc,
+           "started": datetime.now().isoformat(timespec="seconds"), "finished": None, "wall_seconds": None,
+           "stages": out.records}
+    shas: dict[str, str | None] = {}
+    for i, stage in enumerate(plan.stages):
+        upstream = {n: shas.get(n) for n in stage.needs} | _external_inputs(stage)
+        key = stage_key(stage, upstream)
+        prev = previous.get(stage.name)
+        decision = decide(plan, stage, key, prev, forced=i >= start)
+        if dry_run and decision.action != "reuse":
+            # downstream keys depend on manifests not written yet: they will run too
+            shas[stage.name] = f"pending:{stage.name}"
+        record = {"name": stage.name, "kind": stage.kind, "dir": stage.dir, **stage.info, "key": key,
+                  "status": "pending", "seconds": 0.0, "manifest_sha256": None, "error": None}
+        out.records.append(record)
+        label = f"[{i + 1}/{len(plan.stages)}] {stage.name}"
+        if decision.action == "reuse":
+            record.update(status="reused", manifest_sha256=prev.get("manifest_sha256"),
+                          verdict=prev.get("verdict"), error=prev.get("error"))
+            shas[stage.name] = sha256_file(product(plan, stage))
+            log(f"{label}: reused ({decision.why})")
+            if prev.get("verdict") == "fail":
+                out.gate_failures.append(f"{stage.name}: {prev.get('error')}")
+            continue
+        log(f"{label}: {'would ' if dry_run else ''}{decision.action} ({decision.why}) -> {exp / stage.dir}")
+        if dry_run:
+            continue
+        record["status"] = "running"
+        _save(exp, doc)
+        t = time.time()
+        try:
+            verdict = RUNNERS[stage.kind](plan, stage, resume=decision.action == "resume",
+                                          force=decision.action == "run", progress=progress)
+        except GateFailed as e:
+            record.update(status="gate-failed", verdict="fail", error=str(e))
+            out.gate_failures.append(f"{stage.name}: {e}")
+        except KdensError as e:
+            record.update(status="failed", error=str(e), seconds=round(time.time() - t, 3))
+            doc["finished"] = datetime.now().isoformat(timespec="seconds")
+            _save(exp, doc)
+            raise KdensError(f"stage {stage.name} failed: {e}") from None
+        else:
+            record.update(status="done", verdict=verdict)
+        record["seconds"] = round(time.time() - t, 3)
+        record["manifest_sha256"] = shas[stage.name] = sha256_file(product(plan, stage))
+        log(f"{label}: {record['status']} in {record['seconds']:.1f} s{_summary(plan, stage)}")
+        _save(exp, doc)
+    if dry_run:
+        return out
+    doc.update(finished=datetime.now().isoformat(timespec="seconds"), wall_seconds=round(time.time() - t0, 3))
+    _save(exp, doc)
+    from kdens.report import write_report
+
+    out.report = write_report(exp, html=plan.html)
+    log(f"report: {out.report}" + (f" and {out.report.with_suffix('.html')}" if plan.html else ""))
+    if out.gate_failures:
+        raise GateFailed("; ".join(out.gate_failures))
+    return out
+
+
+def _load_state(exp: Path) -> dict:
+    path = exp / STATE
+    if not path.exists():
+        return {}
+    try:
+        return read_json(path)
+    except KdensError:
+        return {}  # a damaged state file only costs a rerun, never a wrong reuse
+
+
+def _save(exp: Path, doc: dict) -> None:
+    exp.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(exp / STATE, doc)
+
+
+def _summary(plan: Plan, stage: Stage) -> str:
+    path = plan.exp_dir / stage.dir / "metrics.json"
+    if stage.kind == "deploy":
+        path = plan.exp_dir / stage.dir / "report.json"
+    if not path.exists():
+        return ""
+    m = json.loads(path.read_text())
+    keys = ("test_accuracy", "test_errors", "accuracy", "gap_recovered", "combined_test_accuracy")
+    shown = [f"{k}={m[k]:.4f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys
+             if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
+    return ("  " + "  ".join(shown)) if shown else ""
+
+
+# ------------------------------------------------------------------ one function per kind of stage
+
+def _generalist(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
+    from kdens import generalist
+
+    generalist.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
+
+
+def _ensemble(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
+    from ensembles import stage as ensemble_stage
+
+    ensemble_stage.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
+
+
+def _specialists(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
+    from specialists import stage as specialists_stage
+
+    specialists_stage.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
+
+
+def _student(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
+    from distill import stage as distill_stage
+
+    distill_stage.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
+
+
+def _deploy(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> str:
+    from deploy import stage as deploy_stage
+
+    cfg = stage.config
+    out_root = (plan.exp_dir / stage.dir).parent
+    deploy_stage.run(Path(cfg["model_dir"]), cfg["target"], cfg["opts"], out_root, precision=cfg.get("precision"),
+                     sweep=[tuple(p) for p in cfg["sweep"]] if cfg.get("sweep") else None,
+                     min_agreement=cfg.get("min_agreement"))
+    return "pass"
+
+
+def _bench(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
+    from deploy import bench_stage
+
+    bench_stage.run(plan.exp_dir / stage.dir, stage.config["threads"], stage.config["batch_sizes"])
+
+
+RUNNERS = {"generalist": _generalist, "baseline": _generalist, "ensemble": _ensemble,
+           "specialists": _specialists, "student": _student, "deploy": _deploy, "bench": _bench}

@@ -1,0 +1,345 @@
+"""A pipeline file (TOML) turned into an ordered list of stages for ``kdens run``.
+
+Pure: parsing and validation only, nothing is trained or written here. Every stage's
+typed config is built (and so validated) before the first stage runs, so a typo in the
+last table fails in a second, not after an hour of teacher training.
+
+File shape (every table but ``[data]`` and one teacher is optional)::
+
+    name = "digits"                  # experiment folder runs/<name> unless out = "..."
+    [data]        data, val_fraction, split_seed          (shared by every stage)
+    [generalist]  the keys of `kdens train-generalist`    (model, model_args, epochs, ...)
+    [ensemble]    the keys of `kdens train-ensemble`      (members, model, ...)
+    [specialists] the keys of `kdens train-specialists`   (clusters, ...; uses [generalist])
+    [[distill]]   the keys of `kdens distill`, plus name, baseline = true|false, and
+                  teacher = "generalist" | "ensemble" | "specialists" | a run folder
+                  (several joined by commas); temperature may be a list: one student each
+    [deploy]      student, targets = ["onnx:int8", "tflite:int8", "fpga:ap_fixed<16,6>"],
+                  and the flags of `kdens deploy` (max_accuracy_drop, batch_sizes, ...)
+    [bench]       threads, batch_sizes                    (`kdens bench` over deploy/)
+    [report]      html = true|false
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdens.config import GeneralistConfig, build, load_toml, to_dict
+from kdens.errors import ConfigError
+
+TOP_KEYS = ("name", "out", "pythonpath", "data", "generalist", "ensemble", "specialists", "distill",
+            "deploy", "bench", "report")
+KINDS = ("generalist", "ensemble", "specialists", "baseline", "student", "deploy", "bench")
+TEACHER_STAGES = ("generalist", "ensemble", "specialists")
+_DATA_KEYS = ("data", "val_fraction", "split_seed")
+_STUDENT_ONLY = ("teacher", "temperature", "alpha", "loss", "transfer", "fix_bias", "baseline", "cache_dir",
+                 "data", "val_fraction", "split_seed")
+_DEPLOY_KEYS = ("quantize", "batch_sizes", "threads", "calib_size", "io", "max_latency_ms", "max_accuracy_drop",
+                "seed", "tflite_runtime_venv", "min_agreement", "sweep")
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline: what it is, where it writes, what it needs."""
+
+    name: str
+    """Unique name: generalist, ensemble, specialists, baseline:<student>, <student>, deploy:<t>-<p>, bench."""
+    kind: str
+    """One of KINDS."""
+    dir: str
+    """Its folder, relative to the experiment folder."""
+    config: Any
+    """The typed config the stage function takes (GeneralistConfig, DistillConfig, ...)."""
+    needs: list[str] = field(default_factory=list)
+    """Names of the stages whose outputs it reads (their manifests go into its key)."""
+    info: dict = field(default_factory=dict)
+    """What the report needs to know (teacher / baseline / student names, target, precision)."""
+
+    def config_dict(self) -> dict:
+        cfg = self.config
+        if dataclasses.is_dataclass(cfg):
+            return to_dict(cfg)
+        return {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in cfg.items()}
+
+
+@dataclass
+class Plan:
+    """The resolved pipeline: experiment folder, stages in run order, the parsed file."""
+
+    name: str
+    exp_dir: Path
+    stages: list[Stage]
+    doc: dict
+    config_file: str | None = None
+    html: bool = True
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def start_index(self, from_stage: str) -> int:
+        """Index of the first stage redone by ``--from``: a stage name or a kind (distill = baseline/student)."""
+        kinds = {"distill": ("baseline", "student")}.get(from_stage, (from_stage,))
+        for i, s in enumerate(self.stages):
+            if s.name == from_stage or s.kind in kinds:
+                return i
+        valid = sorted({s.name for s in self.stages} | {s.kind for s in self.stages}
+                       | ({"distill"} if any(s.kind == "student" for s in self.stages) else set()))
+        raise ConfigError(f"--from {from_stage!r} names no stage of this pipeline; valid: {', '.join(valid)}")
+
+
+def load_plan(config_file: Path, *, out: Path | None = None) -> Plan:
+    """Read a pipeline TOML file and resolve it (see the module docstring for its shape)."""
+    config_file = Path(config_file)
+    doc = load_toml(config_file)
+    _add_pythonpath(doc, config_file.parent)
+    plan = build_plan(doc, name_default=config_file.stem, out=out)
+    plan.config_file = str(config_file)
+    return plan
+
+
+def _add_pythonpath(doc: dict, base: Path) -> None:
+    """Let ``model = "pkg.mod:factory"`` find modules beside the config file (or in ``pythonpath``)."""
+    import sys
+
+    extra = doc.get("pythonpath", ["."])
+    if isinstance(extra, str):
+        extra = [extra]
+    for p in extra:
+        path = str((base / p).resolve())
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def _table(doc: dict, key: str) -> dict | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table, got {value!r}")
+    return dict(value)
+
+
+def _data_layer(doc: dict) -> dict:
+    data = _table(doc, "data") or {}
+    unknown = sorted(set(data) - set(_DATA_KEYS) - {k.replace("_", "-") for k in _DATA_KEYS})
+    if unknown:
+        raise ConfigError(f"[data] has unknown key(s) {', '.join(unknown)}; valid: {', '.join(_DATA_KEYS)}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_plan(doc: dict, *, name_default: str = "experiment", out: Path | None = None) -> Plan:
+    """Resolve a parsed pipeline document into stages; raises ConfigError naming the bad key."""
+    unknown = sorted(set(doc) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"pipeline file: unknown key/table(s) {', '.join(unknown)}; valid: {', '.join(TOP_KEYS)}")
+    name = str(doc.get("name") or name_default)
+    exp_dir = Path(out or doc.get("out") or Path("runs") / name)
+    data = _data_layer(doc)
+    stages: list[Stage] = []
+
+    def where(stage_dir: str) -> str:
+        return str(exp_dir / stage_dir)
+
+    gen = _table(doc, "generalist")
+    if gen is not None:
+        stages.append(Stage("generalist", "generalist", "generalist", _build(GeneralistConfig, "generalist", data, gen)))
+    ens = _table(doc, "ensemble")
+    if ens is not None:
+        from ensembles.config import EnsembleConfig
+
+        stages.append(Stage("ensemble", "ensemble", "ensemble", _build(EnsembleConfig, "ensemble", data, ens)))
+    spec = _table(doc, "specialists")
+    if spec is not None:
+        from specialists.config import SpecialistsConfig
+
+        if gen is None:
+            raise ConfigError("[specialists] needs a [generalist] table: specialists start from its weights")
+        if "generalist" in spec:
+            raise ConfigError("[specialists] takes its generalist from the [generalist] table; remove 'generalist'")
+        cfg = _build(SpecialistsConfig, "specialists", {}, {"generalist": where("generalist"), **spec})
+        stages.append(Stage("specialists", "specialists", "specialists", cfg, needs=["generalist"]))
+    teachers = [s.name for s in stages]
+    if not teachers:
+        raise ConfigError("pipeline file has no teacher: add a [generalist] or an [ensemble] table")
+    students = _students(doc, data, stages, teachers, where)
+    _deploy(doc, stages, students, where)
+    report = _table(doc, "report") or {}
+    if set(report) - {"html"}:
+        raise ConfigError(f"[report] has unknown key(s) {sorted(set(report) - {'html'})}; valid: html")
+    return Plan(name=name, exp_dir=exp_dir, stages=stages, doc=doc, html=bool(report.get("html", True)))
+
+
+def _build(cls, where: str, data: dict, table: dict):
+    try:
+        return build(cls, data, table)
+    except ConfigError as e:
+        raise ConfigError(f"[{where}] {e}") from None
+
+
+def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], where) -> list[str]:
+    from distill.config import DistillConfig
+
+    raw = doc.get("distill")
+    if raw is None:
+        return []
+    tables = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("[distill] must be a table, or [[distill]] tables (one per student)")
+    names: list[str] = []
+    default_teacher = next(t for t in ("specialists", "ensemble", "generalist") if t in teachers)
+    for i, table in enumerate(tables):
+        table = {k.replace("-", "_"): v for k, v in table.items()}
+        base = str(table.pop("name", "student" if len(tables) == 1 else f"student-{i + 1}"))
+        teacher = str(table.pop("teacher", default_teacher))
+        want_baseline = table.pop("baseline", True)
+        if not isinstance(want_baseline, bool):
+            raise ConfigError(f"[distill] {base}: baseline = {want_baseline!r} must be true or false")
+        temps = table.pop("temperature", 4.0)
+        multi = isinstance(temps, list)
+        temps = temps if multi else [temps]
+        if not temps:
+            raise ConfigError(f"[distill] {base}: temperature = [] names no temperature")
+        needs, teacher_path = _teacher(teacher, teachers, where, base)
+        baseline_name = baseline_dir = None
+        if want_baseline:
+            hard = {k: v for k, v in table.items() if k not in _STUDENT_ONLY}
+            cfg = _build(GeneralistConfig, f"distill {base} (baseline)", data, hard)
+            # students of one architecture and recipe (other teachers or T) share one baseline
+            same = [s for s in stages if s.kind == "baseline" and s.config_dict() == to_dict(cfg)]
+            if same:
+                baseline_name, baseline_dir = same[0].name, same[0].dir
+            else:
+                baseline_name, baseline_dir = f"baseline:{base}", f"baselines/{base}"
+                stages.append(Stage(baseline_name, "baseline", baseline_dir, cfg, info={"student": base}))
+        for t in temps:
+            name = f"{base}-T{t:g}" if multi else base
+            _unique(name, stages)
+            layer = {**{k: v for k, v in data.items()}, **table, "teacher": teacher_path, "temperature": t,
+                     "cache_dir": where("soft_targets")}
+            if baseline_dir:
+                layer["baseline"] = where(baseline_dir)
+            cfg = _build(DistillConfig, f"distill {name}", {}, layer)
+            stages.append(Stage(name, "student", f"students/{name}", cfg,
+                                needs=needs + ([baseline_name] if baseline_name else []),
+                                info={"teacher": teacher, "baseline": baseline_name}))
+            names.append(name)
+    return names
+
+
+def _teacher(teacher: str, teachers: list[str], where, student: str) -> tuple[list[str], str]:
+    """(stages it needs, the run folder(s) the distill stage reads) for ``teacher = ...``."""
+    needs, paths = [], []
+    for part in [p.strip() for p in teacher.split(",") if p.strip()]:
+        if part in teachers:
+            needs.append(part)
+            paths.append(where(part))
+        elif part in TEACHER_STAGES:
+            raise ConfigError(f"[distill] {student}: teacher = {part!r} but the file has no [{part}] table; "
+                              f"teachers here: {', '.join(teachers)}")
+        elif os.sep in part or Path(part).exists():
+            paths.append(part)  # a run folder made outside this pipeline
+        else:
+            raise ConfigError(f"[distill] {student}: teacher = {part!r} is neither a stage "
+                              f"({', '.join(teachers)}) nor a run folder")
+    if not paths:
+        raise ConfigError(f"[distill] {student}: teacher = {teacher!r} names no teacher")
+    return needs, ",".join(paths)
+
+
+def _unique(name: str, stages: list[Stage]) -> None:
+    if any(s.name == name for s in stages):
+        raise ConfigError(f"two stages are named {name!r}; give each [[distill]] its own name")
+
+
+def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
+    from deploy.common import DeployOptions
+    from deploy.stage import precision_tag
+
+    table = _table(doc, "deploy")
+    if table is None:
+        if doc.get("bench") is not None:
+            raise ConfigError("[bench] measures what [deploy] exported; add a [deploy] table")
+        return
+    table = {k.replace("-", "_"): v for k, v in table.items()}
+    if not students:
+        raise ConfigError("[deploy] needs a student: add a [[distill]] table")
+    student = str(table.pop("student", students[0]))
+    if student not in students:
+        raise ConfigError(f"[deploy] student = {student!r} is not a student here; valid: {', '.join(students)}")
+    targets = table.pop("targets", ["onnx:int8"])
+    if isinstance(targets, str):
+        targets = [targets]
+    unknown = sorted(set(table) - set(_DEPLOY_KEYS))
+    if unknown:
+        raise ConfigError(f"[deploy] unknown key(s) {', '.join(unknown)}; valid: student, targets, "
+                          f"{', '.join(_DEPLOY_KEYS)}")
+    fpga_only = {k: table.pop(k) for k in ("min_agreement", "sweep") if k in table}
+    if "sweep" in fpga_only:
+        fpga_only["sweep"] = _sweep(fpga_only["sweep"])
+    for key in ("threads", "batch_sizes"):  # TOML users write 1 or [1, 32]; the options take "1,32"
+        if key in table:
+            table[key] = _ints_text(table[key])
+    table.setdefault("tflite_runtime_venv", os.environ.get("KDENS_TFLITE_RUNTIME_VENV")
+                     or str(Path.home() / ".cache" / "kdens" / "venv-tflite-runtime"))
+    if str(table["tflite_runtime_venv"]).lower() == "none":
+        table["tflite_runtime_venv"] = None
+    deploy_names = []
+    for spec in targets:
+        target, _, precision = str(spec).partition(":")
+        if target not in ("onnx", "tflite", "fpga"):
+            raise ConfigError(f"[deploy] target {spec!r}: unknown target {target!r}; valid: onnx, tflite, fpga "
+                              "(e.g. 'onnx:int8', 'tflite:float', 'fpga:ap_fixed<16,6>')")
+        opts_kw = dict(table)
+        fpga_precision = None
+        if target == "fpga":
+            fpga_precision = precision or None
+        else:
+            quantize = {"": "none", "float": "none"}.get(precision, precision)
+            if quantize == "int8-int8io":
+                quantize, opts_kw["io"] = "int8", "int8"
+            opts_kw["quantize"] = quantize
+        try:
+            opts = DeployOptions(**opts_kw)
+            tag = precision_tag(target, opts, fpga_precision)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise ConfigError(f"[deploy] target {spec!r}: {e}") from None
+        name = f"deploy:{target}-{tag}"
+        _unique(name, stages)
+        cfg = {"model_dir": where(f"students/{student}"), "target": target, "precision": fpga_precision,
+               "opts": opts, **(fpga_only if target == "fpga" else {})}
+        stages.append(Stage(name, "deploy", f"deploy/{target}-{tag}", cfg, needs=[student],
+                            info={"student": student, "target": target, "precision": tag}))
+        deploy_names.append(name)
+    bench = _table(doc, "bench")
+    bench = {"threads": "1", "batch_sizes": "1,32", **({k.replace("-", "_"): v for k, v in bench.items()}
+                                                        if bench else {})}
+    bench = {k: _ints_text(v) for k, v in bench.items()}
+    if set(bench) - {"threads", "batch_sizes"}:
+        raise ConfigError(f"[bench] unknown key(s) {sorted(set(bench) - {'threads', 'batch_sizes'})}; "
+                          "valid: threads, batch_sizes")
+    stages.append(Stage("bench", "bench", "deploy", bench, needs=deploy_names))
+
+
+def _sweep(value) -> list[list[int]]:
+    """``"16,6;12,4"`` or ``[[16, 6], [12, 4]]`` -> [[16, 6], [12, 4]] (fixed-point W,I pairs)."""
+    items = value.split(";") if isinstance(value, str) else value
+    try:
+        pairs = [[int(v) for v in (p.split(",") if isinstance(p, str) else p)] for p in items if p]
+    except (TypeError, ValueError):
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"[deploy] sweep = {value!r} must be W,I pairs: \"16,6;12,4\" or [[16, 6], [12, 4]]")
+    return pairs
+
+
+def _ints_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,111 @@
+"""Pipeline files -> stages (kdens/plan.py): resolution, sharing and the errors users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdens.errors import ConfigError
+from kdens.plan import build_plan, load_plan
+
+
+def _doc(**extra) -> dict:
+    doc = {"name": "t", "data": {"data": "digits"},
+           "generalist": {"model": "mlp", "model_args": {"hidden": [16]}, "epochs": 2},
+           "distill": [{"name": "s", "model": "mlp", "model_args": {"hidden": [8]}, "epochs": 2}]}
+    doc.update(extra)
+    return doc
+
+
+def test_default_plan_orders_and_wires_stages(tmp_path):
+    plan = build_plan(_doc(specialists={"clusters": 3}, deploy={"targets": ["onnx:int8", "tflite:float"]}),
+                      out=tmp_path / "exp")
+    names = [s.name for s in plan.stages]
+    assert names == ["generalist", "specialists", "baseline:s", "s", "deploy:onnx-int8", "deploy:tflite-float",
+                     "bench"]
+    student = plan.stage("s")
+    assert student.config.teacher == str(tmp_path / "exp" / "specialists")  # default: the strongest teacher
+    assert student.config.baseline == str(tmp_path / "exp" / "baselines" / "s")
+    assert student.config.cache_dir == str(tmp_path / "exp" / "soft_targets")
+    assert student.needs == ["specialists", "baseline:s"]
+    assert plan.stage("specialists").config.generalist == str(tmp_path / "exp" / "generalist")
+    base = plan.stage("baseline:s").config
+    assert base.model_args == {"hidden": [8]} and base.train.epochs == 2 and base.data == "digits"
+    assert plan.stage("deploy:onnx-int8").config["opts"].quantize == "int8"
+    assert plan.stage("bench").needs == ["deploy:onnx-int8", "deploy:tflite-float"]
+
+
+def test_temperature_list_makes_one_student_each_sharing_one_baseline(tmp_path):
+    doc = _doc()
+    doc["distill"] = [{"name": "s", "model": "mlp", "temperature": [2, 8.5], "epochs": 2},
+                      {"name": "other", "model": "mlp", "temperature": 4, "epochs": 2}]
+    plan = build_plan(doc, out=tmp_path)
+    students = [s for s in plan.stages if s.kind == "student"]
+    assert [s.name for s in students] == ["s-T2", "s-T8.5", "other"]
+    assert [s.config.temperature for s in students] == [2.0, 8.5, 4.0]
+    baselines = [s for s in plan.stages if s.kind == "baseline"]
+    assert len(baselines) == 1  # same architecture and recipe: one hard-label run serves all three
+    assert {s.config.baseline for s in students} == {str(tmp_path / "baselines" / "s")}
+
+
+def test_different_recipes_get_their_own_baselines(tmp_path):
+    doc = _doc()
+    doc["distill"] = [{"name": "a", "model": "mlp", "epochs": 2}, {"name": "b", "model": "mlp", "epochs": 3}]
+    plan = build_plan(doc, out=tmp_path)
+    assert [s.name for s in plan.stages if s.kind == "baseline"] == ["baseline:a", "baseline:b"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "unknown key/table(s) bogus"),
+    ({"generalist": {"model": "mlp", "epohcs": 3}}, "[generalist] unknown config key 'epohcs'"),
+    ({"data": {"data": "digits", "seed": 1}}, "[data] has unknown key(s) seed"),
+    ({"specialists": {"clusters": 3, "generalist": "x"}}, "takes its generalist from the [generalist] table"),
+    ({"distill": [{"model": "mlp", "teacher": "ensemble"}]}, "has no [ensemble] table"),
+    ({"distill": [{"model": "mlp", "teacher": "nowhere"}]}, "neither a stage"),
+    ({"distill": [{"model": "mlp", "temperature": -1}]}, "--temperature -1"),
+    ({"distill": [{"model": "mlp", "baseline": "yes"}]}, "must be true or false"),
+    ({"deploy": {"targets": ["gpu:int8"]}}, "unknown target 'gpu'"),
+    ({"deploy": {"targets": ["onnx:int4"]}}, "onnx:int4"),
+    ({"deploy": {"student": "nobody"}}, "student = 'nobody' is not a student here"),
+    ({"deploy": {"max_latency": 3}}, "[deploy] unknown key(s) max_latency"),
+    ({"bench": {"threads": 1}}, "add a [deploy] table"),
+    ({"report": {"pdf": True}}, "[report] has unknown key(s)"),
+])
+def test_bad_files_name_the_key_and_the_fix(change, message, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_plan(_doc(**change), out=tmp_path)
+    assert message in str(e.value)
+
+
+def test_a_pipeline_needs_a_teacher(tmp_path):
+    with pytest.raises(ConfigError, match="no teacher"):
+        build_plan({"data": {"data": "digits"}}, out=tmp_path)
+    with pytest.raises(ConfigError, match=r"\[specialists\] needs a \[generalist\]"):
+        build_plan({"ensemble": {"members": 2, "model": "mlp"}, "specialists": {"clusters": 2}}, out=tmp_path)
+
+
+def test_from_accepts_names_and_kinds(tmp_path):
+    plan = build_plan(_doc(deploy={"targets": ["onnx"]}), out=tmp_path)
+    assert plan.stages[plan.start_index("distill")].name == "baseline:s"
+    assert plan.stages[plan.start_index("s")].name == "s"
+    assert plan.stages[plan.start_index("deploy")].name == "deploy:onnx-float"
+    with pytest.raises(ConfigError, match="valid: .*distill"):
+        plan.start_index("nope")
+
+
+def test_ints_in_toml_become_option_lists(tmp_path):
+    plan = build_plan(_doc(deploy={"threads": 1, "batch_sizes": [1, 8]}, bench={"threads": [1, 2]}), out=tmp_path)
+    assert plan.stage("deploy:onnx-int8").config["opts"].threads == (1,)
+    assert plan.stage("deploy:onnx-int8").config["opts"].batch_sizes == (1, 8)
+    assert plan.stage("bench").config == {"threads": "1,2", "batch_sizes": "1,32"}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_resolves(path, tmp_path):
+    plan = load_plan(path, out=tmp_path)
+    kinds = [s.kind for s in plan.stages]
+    assert "student" in kinds and kinds[-1] == "bench"
+    for stage in plan.stages:  # each stage's inputs come before it
+        assert all(plan.stages.index(plan.stage(n)) < plan.stages.index(stage) for n in stage.needs)
