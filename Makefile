@@ -19,18 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[all]" $(TORCH)
 	touch $(STAMP)
 
-# The main job on the embedded digits data: teacher -> distilled student -> int8 ONNX + TFLite -> bench.
-KD = $(VENV)/bin/kdens
+# The main job on the embedded digits data: every stage from examples/digits.toml, then the report.
 demo: setup
-	$(KD) train-generalist --data digits --model mlp --model-arg hidden=256 --epochs 30 --batch-size 32 \
-	    --out runs/digits/generalist --force --quiet
-	$(KD) distill --teacher runs/digits/generalist --model mlp --model-arg hidden=32 --temperature 4 --alpha 0.3 \
-	    --epochs 40 --batch-size 32 --out runs/digits/student --force --quiet
-	$(KD) deploy --model runs/digits/student --target onnx --quantize int8 --threads 1 --max-accuracy-drop 1 \
-	    --out runs/digits/deploy
-	$(KD) deploy --model runs/digits/student --target tflite --quantize int8 --threads 1 --max-accuracy-drop 1 \
-	    --out runs/digits/deploy
-	$(KD) bench runs/digits/deploy --threads 1 --batch-sizes 1,32
+	$(VENV)/bin/kdens run examples/digits.toml --quiet
+	@echo "open runs/digits/report.html (or runs/digits/report.md)"
 
 test: setup
 	$(PY) -m pytest -q
