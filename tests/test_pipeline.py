@@ -164,3 +164,28 @@ def test_cli_bad_config_exits_2_naming_the_key(tmp_path):
     r = CliRunner().invoke(cli, ["run", str(bad)])
     assert r.exit_code == 2 and "epochz" in r.output and "Traceback" not in r.output
     assert not (Path(os.getcwd()) / "runs" / "bad").exists()
+
+
+def test_the_readme_main_job(tmp_path, monkeypatch):
+    """examples/digits.toml end to end (what `make demo` runs), then a second run that reuses it all."""
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    # the tflite-runtime cross-check venv is shared with tests/test_deploy_tflite.py
+    monkeypatch.setenv("KDENS_TFLITE_RUNTIME_VENV", str(root / ".venv-tflite"))
+    plan = load_plan(root / "examples" / "digits.toml", out=tmp_path / "digits")
+    t0 = time.time()
+    run_pipeline(plan, progress=False, log=lambda line: None)
+    first = time.time() - t0
+    out = tmp_path / "digits"
+    pngs = sorted((out / "report").glob("*.png"))
+    assert len(pngs) >= 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert (out / "report.html").exists() and "data:image/png;base64" in (out / "report.html").read_text()
+    kinds = {s["kind"] for s in json.loads((out / STATE).read_text())["stages"]}
+    assert kinds == {"generalist", "ensemble", "specialists", "baseline", "student", "deploy", "bench"}
+    lines: list[str] = []
+    t0 = time.time()
+    run_pipeline(load_plan(root / "examples" / "digits.toml", out=out), progress=False, log=lines.append)
+    assert set(_status(lines).values()) == {"reused"}
+    # a reported ratio, not a timing assertion: print it for the log
+    print(f"digits pipeline: first run {first:.1f} s, second {time.time() - t0:.1f} s")
