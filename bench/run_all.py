@@ -25,6 +25,9 @@ def kdens_if_missing(out: str, *args: str) -> list[str] | None:
     return None if (Path(out) / "manifest.json").exists() else [*KD, *args, "--out", out, "--quiet"]
 
 
+SWEEP = ["--data", "fashion-mnist", "--alpha", "0.1", "--seeds", "0", "--epochs", "15", "--grad-clip", "5",
+         "--jobs", "2", "--runs", "runs/fm/sweep"]
+
 STEPS: dict[str, list] = {
     "generalists": [
         kdens_if_missing("runs/fm/generalist", "train-generalist", *FM, "--model", "mlp", "--model-arg",
@@ -48,6 +51,17 @@ STEPS: dict[str, list] = {
     "combine": [[PY, "bench/bench_combine.py", "--top-n", "1,2", "--threads", "1", "--json",
                  "bench/results/combine.json"]],
     "deploy": [[PY, "bench/bench_deploy.py", "--reuse"]],
+    # issue #6 items 2-4; one runs folder, so hard-big-s0 and cnn-big-T4-s0 serve all three
+    "sweep": [[PY, "bench/bench_sweep.py", *SWEEP, "--teacher", "cnn=runs/fm/cnn", "--student", "big=800,800",
+               "--student", "tiny=30,30", "--temperatures", "1,2,2.5,4,8,20",
+               "--out", "bench/results/sweep-temperature"],
+              # member-02 is the ensemble's best member on validation (member-01 on test)
+              [PY, "bench/bench_sweep.py", *SWEEP, "--teacher", "ensemble=runs/fm/ensemble-cnn5", "--teacher",
+               "member=runs/fm/ensemble-cnn5/member-02", "--student", "big=800,800", "--temperatures", "4,20",
+               "--out", "bench/results/sweep-ensemble"],
+              [PY, "bench/bench_sweep.py", *SWEEP, "--teacher", "cnn=runs/fm/cnn", "--teacher",
+               "specialists=runs/fm/specialists-cnn/seed-0", "--student", "big=800,800", "--temperatures", "4",
+               "--out", "bench/results/sweep-specialists"]],
 }
 
 
