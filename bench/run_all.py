@@ -51,6 +51,11 @@ STEPS: dict[str, list] = {
     "combine": [[PY, "bench/bench_combine.py", "--top-n", "1,2", "--threads", "1", "--json",
                  "bench/results/combine.json"]],
     "deploy": [[PY, "bench/bench_deploy.py", "--reuse"]],
+    # torchdistill needs torchvision, which does not import beside the CPU torch 2.13.0 wheel:
+    # it runs from its own venv (install commands in bench/bench_torchdistill.py's docstring)
+    "torchdistill": [[".venv-bench/bin/python", "bench/bench_torchdistill.py", "--teacher", "runs/fm/cnn",
+                      "--student", "800,800", "--temperature", "20", "--alpha", "0.1", "--grad-clip", "5",
+                      "--epochs", "5", "--reps", "1", "--out", "bench/results/torchdistill"]],
     # issue #6 items 2-4; one runs folder, so hard-big-s0 and cnn-big-T4-s0 serve all three
     "sweep": [[PY, "bench/bench_sweep.py", *SWEEP, "--teacher", "cnn=runs/fm/cnn", "--student", "big=800,800",
                "--student", "tiny=30,30", "--temperatures", "1,2,2.5,4,8,20",
@@ -77,6 +82,9 @@ def main() -> int:
         for cmd in cmds:
             if cmd is None:
                 print(f"[{name}] reused", flush=True)
+                continue
+            if not Path(cmd[0]).exists() and cmd[0] != PY:
+                print(f"[{name}] skipped: {cmd[0]} is missing (see {cmd[1]} for how to make it)", file=sys.stderr)
                 continue
             print(f"[{name}] $ {' '.join(cmd)}", flush=True)
             env = os.environ if name == "throughput" else single  # throughput measures the 2-thread loop

@@ -56,12 +56,18 @@ def product(plan: Plan, stage: Stage) -> Path:
     return folder / ("bench.json" if stage.kind == "bench" else MANIFEST)
 
 
-def stage_key(stage: Stage, upstream: dict[str, str | None]) -> str:
-    """sha256 of what determines a stage's output: kind, config, and its inputs' manifests."""
+def stage_key(stage: Stage, upstream: dict[str, str | None], root: Path | None = None) -> str:
+    """sha256 of what determines a stage's output: kind, config, and its inputs' manifests.
+
+    Paths inside the experiment folder count relative to ``root``, so a moved (or
+    ``--out``-renamed) experiment is still recognised as finished.
+    """
     cfg = stage.config_dict()
     if isinstance(cfg.get("train"), dict):  # where a model trains does not change what it is
         cfg["train"] = {k: v for k, v in cfg["train"].items() if k != "device"}
     text = to_json({"kind": stage.kind, "config": cfg, "inputs": upstream})
+    if root is not None:
+        text = text.replace(json.dumps(str(root))[1:-1] + "/", "<exp>/")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -113,7 +119,7 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
     shas: dict[str, str | None] = {}
     for i, stage in enumerate(plan.stages):
         upstream = {n: shas.get(n) for n in stage.needs} | _external_inputs(stage)
-        key = stage_key(stage, upstream)
+        key = stage_key(stage, upstream, exp)
         prev = previous.get(stage.name)
         decision = decide(plan, stage, key, prev, forced=i >= start)
         if dry_run and decision.action != "reuse":

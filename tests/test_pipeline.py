@@ -96,6 +96,16 @@ def test_second_run_reuses_everything(first):
                                                                     before.items()}
 
 
+def test_a_moved_experiment_is_still_reused(first, tmp_path):
+    import shutil
+
+    _, config, out, _, _ = first
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    lines, _ = _run(config, moved)
+    assert set(_status(lines).values()) == {"reused"}
+
+
 def test_changed_student_redoes_it_and_everything_downstream_only(first, tmp_path):
     tmp, _, out, _, before = first
     config = _write(tmp_path, temperature=2)
