@@ -95,7 +95,9 @@ def decide(plan: Plan, stage: Stage, key: str, previous: dict | None, forced: bo
         if previous.get("manifest_sha256") in (None, sha256_file(done)):
             return Decision("reuse", "unchanged")
         return Decision("run", f"{done.name} changed outside kdens run")
-    return Decision("resume", "interrupted") if previous.get("status") == "running" else Decision("run", "unfinished")
+    # same settings, no product: continue from whatever the stage left (epoch checkpoints,
+    # finished ensemble members or specialists); a stage with nothing to continue starts fresh
+    return Decision("resume", "interrupted" if previous.get("status") == "running" else "unfinished")
 
 
 def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = True, dry_run: bool = False,
