@@ -1,8 +1,8 @@
 """The experiment report: ``runs/<exp>/report.md`` with its figures, and optionally one HTML file.
 
 Reads ``pipeline.json`` (written by ``kdens run``) and every stage folder it names, and
-writes, in order: the header (name, config file, when, total wall time); the
-configuration; a table of the stages (status, time, main metrics) with the errors of
+writes, in order: the header (name, config file, when, wall time of this run and of
+the stages when built); the configuration; a table of the stages (status, time, main metrics) with the errors of
 failed ones; training curves; test-set confusion matrices of the teachers, baselines
 and students; the ensemble; the specialists' covariance heatmap and per-group table;
 the distillation table (teacher / hard-label baseline / distilled); the deploy table
@@ -76,7 +76,9 @@ def header_section(exp: Experiment) -> Section:
             ["config file", str(p.get("config_file") or "-")],
             ["started", str(p.get("started") or "-")],
             ["finished", str(p.get("finished") or "not finished")],
-            ["total wall time", duration(p.get("wall_seconds"))],
+            ["wall time of this run", duration(p.get("wall_seconds"))],
+            ["wall time of the stages when built", duration(sum(
+                num((s.manifest or {}).get("wall_seconds")) or 0.0 for s in exp.stages if s.usable))],
             ["stages", ", ".join(f"{n} {k}" for k, n in statuses.items()) or "none"]]
     return Section("Overview", [Table(["", ""], rows)])
 
