@@ -45,8 +45,20 @@ def signature_name(batch_size: int) -> str:
 
 
 def _litert():
-    """Import litert_torch lazily (8-10 s, optional), with its progress printing off."""
+    """Import litert_torch lazily (8-10 s, optional), with its progress printing off.
+
+    Its import chain reports things a kdens user cannot act on: torchao's CUDA-only
+    kernels "failing" to load on a CPU build, the TF converter's INFO lines, and a
+    torch pytree FutureWarning. They are quieted here (errors still show).
+    """
+    import logging
+    import warnings
+
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's absl INFO/WARNING lines
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's Enum registration notice
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     try:
         import litert_torch
     except ImportError as e:
