@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,8 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
     for i, table in enumerate(tables):
         table = {k.replace("-", "_"): v for k, v in table.items()}
         base = str(table.pop("name", "student" if len(tables) == 1 else f"student-{i + 1}"))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", base):
+            raise ConfigError(f"[distill] name = {base!r}: use letters, digits, '_', '.' or '-' (it names a folder)")
         teacher = str(table.pop("teacher", default_teacher))
         want_baseline = table.pop("baseline", True)
         if not isinstance(want_baseline, bool):

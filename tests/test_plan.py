@@ -65,6 +65,7 @@ def test_different_recipes_get_their_own_baselines(tmp_path):
     ({"distill": [{"model": "mlp", "teacher": "nowhere"}]}, "neither a stage"),
     ({"distill": [{"model": "mlp", "temperature": -1}]}, "--temperature -1"),
     ({"distill": [{"model": "mlp", "baseline": "yes"}]}, "must be true or false"),
+    ({"distill": [{"model": "mlp", "name": "../escape"}]}, "it names a folder"),
     ({"deploy": {"targets": ["gpu:int8"]}}, "unknown target 'gpu'"),
     ({"deploy": {"targets": ["onnx:int4"]}}, "onnx:int4"),
     ({"deploy": {"student": "nobody"}}, "student = 'nobody' is not a student here"),
