@@ -17,7 +17,6 @@ ensemble's metrics and manifest (identical files if two happen to do it).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -41,8 +40,8 @@ from kdens.errors import ArtifactError
 from kdens.evaluate import dataset_for_run
 from kdens.generalist import prepare_run_dir, train_model
 from kdens.models import build_model, load_model
-from kdens.shard import rank_and_world, shard  # noqa: F401 (re-exported)
-from kdens.train import CHECKPOINT, predict_logits, resolve_device
+from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
+from kdens.train import CHECKPOINT, predict_logits
 
 METRIC_KEYS = ("accuracy", "errors", "nll", "ece")
 
@@ -169,7 +168,7 @@ def run(cfg: EnsembleConfig, run_dir: Path, *, resume: bool = False, force: bool
     mine = shard(cfg.members, r, world)
     plans = {k: _member_plan(member_dir(run_dir, k), to_dict(cfg.member(k)), data.fingerprint, resume, force)
              for k in mine}
-    _pin_local_gpu(cfg.train.device, world)
+    pin_local_gpu(cfg.train.device, world)
 
     if force:
         (run_dir / MANIFEST).unlink(missing_ok=True)
@@ -184,13 +183,6 @@ def run(cfg: EnsembleConfig, run_dir: Path, *, resume: bool = False, force: bool
 def pending_members(cfg: EnsembleConfig, run_dir: Path) -> list[int]:
     """Members without a manifest yet (trained by other ranks, or not yet)."""
     return [k for k in range(cfg.members) if not (member_dir(run_dir, k) / MANIFEST).exists()]
-
-
-def _pin_local_gpu(device: str, world: int) -> None:
-    # under torchrun each local rank takes its own GPU; 'cuda' then means that one
-    local = os.environ.get("LOCAL_RANK")
-    if world > 1 and local is not None and resolve_device(device).type == "cuda":
-        torch.cuda.set_device(int(local))
 
 
 def _train_member(cfg: EnsembleConfig, k: int, run_dir: Path, data: Dataset, resume: bool, force: bool,

@@ -29,3 +29,15 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     if not 0 <= r < world:
         raise ConfigError(f"--rank {r} must lie in [0, --world-size {world})")
     return r, world
+
+
+def pin_local_gpu(device: str, world: int) -> None:
+    """Under torchrun each local rank takes its own GPU, so 'cuda' then means that one."""
+    local = os.environ.get("LOCAL_RANK")
+    if world > 1 and local is not None:
+        import torch
+
+        from kdens.train import resolve_device
+
+        if resolve_device(device).type == "cuda":
+            torch.cuda.set_device(int(local))

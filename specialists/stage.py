@@ -45,8 +45,8 @@ from kdens.errors import ArtifactError, ConfigError, DataError, ModelError
 from kdens.evaluate import dataset_for_run
 from kdens.generalist import prepare_run_dir, run_key
 from kdens.models import load_model
-from kdens.shard import rank_and_world, shard  # noqa: F401 (re-exported)
-from kdens.train import CHECKPOINT, predict_logits, resolve_device
+from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
+from kdens.train import CHECKPOINT, predict_logits
 from specialists.cluster import ConfusionClusterer, parse_groups
 from specialists.config import SpecialistsConfig
 from specialists.evaluate import breakdown
@@ -212,7 +212,7 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
     mine = shard(len(groups), r, world)
     plans = {m: _plan(spec_dir(run_dir, m), groups[m], cfg, data.fingerprint, gen_hash, resume, force)
              for m in mine}
-    _pin_local_gpu(cfg.train.device, world)
+    pin_local_gpu(cfg.train.device, world)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if force:
@@ -235,13 +235,6 @@ def pending_specialists(run_dir: Path, num_specialists: int | None = None) -> li
     if num_specialists is None:
         num_specialists = len(read_json(Path(run_dir) / CLUSTERS)["groups"])
     return [m for m in range(num_specialists) if not (spec_dir(run_dir, m) / MANIFEST).exists()]
-
-
-def _pin_local_gpu(device: str, world: int) -> None:
-    # under torchrun each local rank takes its own GPU; 'cuda' then means that one
-    local = os.environ.get("LOCAL_RANK")
-    if world > 1 and local is not None and resolve_device(device).type == "cuda":
-        torch.cuda.set_device(int(local))
 
 
 def _train_one(cfg, m, groups, run_dir, gen_dir, gen_model, gen_spec, gen_hash, data, data_config, x, y,
