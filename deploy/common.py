@@ -32,6 +32,14 @@ SAMPLE_RUNTIME = "sample_runtime_logits.npy"
 N_SAMPLES = 64
 
 
+def tflite_runtime_venv(value: str | None = None) -> str | None:
+    """Where the tflite-runtime cross-check venv lives: ``value``, else $KDENS_TFLITE_RUNTIME_VENV,
+    else ~/.cache/kdens/venv-tflite-runtime; ``'none'`` turns the check off (None)."""
+    venv = value or os.environ.get("KDENS_TFLITE_RUNTIME_VENV") or str(
+        Path.home() / ".cache" / "kdens" / "venv-tflite-runtime")
+    return None if str(venv).lower() == "none" else str(Path(venv).expanduser().absolute())
+
+
 def all_cores() -> int:
     """CPUs this process may run on (affinity mask), falling back to ``os.cpu_count()``."""
     try:

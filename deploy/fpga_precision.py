@@ -169,6 +169,20 @@ def choose_layer_precision(ranges: dict[str, float], default: FixedType, headroo
     return out
 
 
+def parse_sweep(value) -> list[tuple[int, int]]:
+    """Fixed-point widths to sweep: ``"16,6;12,4"`` (the flag) or ``[[16, 6], [12, 4]]`` (TOML) -> W,I pairs."""
+    items = value.split(";") if isinstance(value, str) else value
+    try:
+        pairs = [tuple(int(v) for v in (p.split(",") if isinstance(p, str) else p))
+                 for p in items if (p.strip() if isinstance(p, str) else p)]
+    except (TypeError, ValueError):
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"--sweep {value!r} must be W,I pairs separated by ';', e.g. '16,6;12,4;8,3' "
+                          "(in a pipeline file also [[16, 6], [12, 4]])")
+    return pairs  # type: ignore[return-value]
+
+
 def default_widths() -> list[tuple[int, int]]:
     """(W, I) pairs the precision sweep tries by default, widest first."""
     return [(16, 6), (12, 4), (10, 4), (8, 3), (6, 2)]

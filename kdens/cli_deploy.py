@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -55,33 +54,19 @@ def deploy(model_dir, target, quantize, precision, sweep, min_agreement, io, bat
       kdens deploy --model runs/fm/student --target tflite --quantize int8 --batch-sizes 1,32 --out runs/fm/deploy
       kdens deploy --model runs/fm/student --target fpga --precision 'ap_fixed<16,6>' --out runs/fm/deploy
     """
-    from deploy import stage
-    from deploy.common import DeployOptions
+    from deploy import common, stage
+    from deploy.fpga_precision import parse_sweep
 
     kw = dict(quantize=quantize, batch_sizes=batch_sizes, io=io, calib_size=calib_size,
               max_latency_ms=max_latency_ms, max_accuracy_drop=max_accuracy_drop, seed=seed)
     if threads:
         kw["threads"] = threads
-    venv = tflite_runtime_venv or os.environ.get("KDENS_TFLITE_RUNTIME_VENV") or str(
-        Path.home() / ".cache" / "kdens" / "venv-tflite-runtime")
-    kw["tflite_runtime_venv"] = None if venv.lower() == "none" else str(Path(venv).expanduser().absolute())
-    opts = DeployOptions(**kw)
-    sweep_widths = _parse_sweep(sweep) if sweep else None
+    kw["tflite_runtime_venv"] = common.tflite_runtime_venv(tflite_runtime_venv)
+    opts = common.DeployOptions(**kw)
+    sweep_widths = parse_sweep(sweep) if sweep else None
     out_dir, report = stage.run(model_dir, target, opts, out, precision=precision, sweep=sweep_widths,
                                 min_agreement=min_agreement)
     click.echo((out_dir / "report.md").read_text())
-
-
-def _parse_sweep(text: str) -> list[tuple[int, int]]:
-    from kdens.errors import ConfigError
-
-    try:
-        pairs = [tuple(int(v) for v in p.split(",")) for p in text.split(";") if p.strip()]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(p) != 2 for p in pairs):
-        raise ConfigError(f"--sweep {text!r} must be W,I pairs separated by ';', e.g. '16,6;12,4;8,3'")
-    return pairs  # type: ignore[return-value]
 
 
 @click.command("bench", context_settings=_CONTEXT)

@@ -235,7 +235,7 @@ def _deploy(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bo
     cfg = stage.config
     out_root = (plan.exp_dir / stage.dir).parent
     deploy_stage.run(Path(cfg["model_dir"]), cfg["target"], cfg["opts"], out_root, precision=cfg.get("precision"),
-                     sweep=[tuple(p) for p in cfg["sweep"]] if cfg.get("sweep") else None,
+                     sweep=cfg.get("sweep"),
                      min_agreement=cfg.get("min_agreement"))
     return "pass"
 

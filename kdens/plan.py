@@ -262,7 +262,8 @@ def _unique(name: str, stages: list[Stage]) -> None:
 
 
 def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
-    from deploy.common import DeployOptions
+    from deploy.common import DeployOptions, tflite_runtime_venv
+    from deploy.fpga_precision import parse_sweep
     from deploy.stage import precision_tag
 
     table = _table(doc, "deploy")
@@ -285,14 +286,14 @@ def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
                           f"{', '.join(_DEPLOY_KEYS)}")
     fpga_only = {k: table.pop(k) for k in ("min_agreement", "sweep") if k in table}
     if "sweep" in fpga_only:
-        fpga_only["sweep"] = _sweep(fpga_only["sweep"])
+        try:
+            fpga_only["sweep"] = parse_sweep(fpga_only["sweep"])
+        except ConfigError as e:
+            raise ConfigError(f"[deploy] {e}") from None
     for key in ("threads", "batch_sizes"):  # TOML users write 1 or [1, 32]; the options take "1,32"
         if key in table:
             table[key] = _ints_text(table[key])
-    table.setdefault("tflite_runtime_venv", os.environ.get("KDENS_TFLITE_RUNTIME_VENV")
-                     or str(Path.home() / ".cache" / "kdens" / "venv-tflite-runtime"))
-    if str(table["tflite_runtime_venv"]).lower() == "none":
-        table["tflite_runtime_venv"] = None
+    table["tflite_runtime_venv"] = tflite_runtime_venv(table.get("tflite_runtime_venv"))
     deploy_names = []
     for spec in targets:
         target, _, precision = str(spec).partition(":")
@@ -328,18 +329,6 @@ def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
         raise ConfigError(f"[bench] unknown key(s) {sorted(set(bench) - {'threads', 'batch_sizes'})}; "
                           "valid: threads, batch_sizes")
     stages.append(Stage("bench", "bench", "deploy", bench, needs=deploy_names))
-
-
-def _sweep(value) -> list[list[int]]:
-    """``"16,6;12,4"`` or ``[[16, 6], [12, 4]]`` -> [[16, 6], [12, 4]] (fixed-point W,I pairs)."""
-    items = value.split(";") if isinstance(value, str) else value
-    try:
-        pairs = [[int(v) for v in (p.split(",") if isinstance(p, str) else p)] for p in items if p]
-    except (TypeError, ValueError):
-        pairs = []
-    if not pairs or any(len(p) != 2 for p in pairs):
-        raise ConfigError(f"[deploy] sweep = {value!r} must be W,I pairs: \"16,6;12,4\" or [[16, 6], [12, 4]]")
-    return pairs
 
 
 def _ints_text(value) -> str:
