@@ -7,13 +7,26 @@ describes are absent (or none of them finished), so the report simply leaves it 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from kdens import metrics as M
-from kdens.artifacts import atomic_write_json
+from kdens.artifacts import MANIFEST, atomic_write_json, sha256_file
 from kdens.errors import KdensError
-from kdens.report_data import DataCache, Experiment, StageView, count, fmt, num, pct, test_scores, total_params
+from kdens.report_data import (
+    DataCache,
+    Experiment,
+    StageView,
+    count,
+    fmt,
+    num,
+    pct,
+    test_scores,
+    total_params,
+)
 from kdens.report_plots import plot_confusion, plot_training_curves
 from kdens.report_render import Code, Gallery, Image, Para, Section, Table
 
@@ -66,34 +79,56 @@ def curves_section(exp: Experiment, figs: Figures) -> Section | None:
 
 # ---------------------------------------------------------------- confusion matrices
 
+CONFUSION_JSON = "confusion.json"
+
+
+def _read_json(path: Path) -> dict:
+    """A previous report's JSON, or {} when there is none or it is unreadable (then recompute)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def confusion_section(exp: Experiment, figs: Figures) -> Section | None:
     """Test-set confusion matrices of the teachers, the hard-label baselines and the students.
 
     The scores are recomputed from the saved weights (the same teacher a student was
-    distilled from); the counts also go to ``report/confusion.json``.
+    distilled from); the counts also go to ``report/confusion.json``, each with the sha256 of
+    the stage's manifest. A later report reuses a stage's counts while that sha is unchanged:
+    scoring every teacher again is most of a report's time (a minute on Fashion-MNIST), and a
+    finished stage's predictions cannot change without a new manifest.
     """
     stages = exp.by_kind("generalist", "ensemble", "specialists", "baseline", "student")
     if not stages:
         return None
+    previous = _read_json(figs.root / FIG_DIR / CONFUSION_JSON)
     cache, images, notes, record = DataCache(), [], [], {}
     for s in stages:
-        try:
-            data = cache.for_manifest(s.manifest)
-            scores = test_scores(s, data)
-        except (KdensError, OSError, RuntimeError, ValueError, KeyError) as e:
-            # one unloadable folder (moved generalist, changed data) must not cost the whole report
-            notes.append(f"{s.name}: no confusion matrix ({type(e).__name__}: {e})")
-            continue
-        cm = M.confusion_matrix(scores, data.y_test, data.num_classes)  # (C, C)
+        sha = sha256_file(s.path / MANIFEST) if (s.path / MANIFEST).is_file() else None
+        old = previous.get(s.name) if isinstance(previous.get(s.name), dict) else {}
+        if sha and old.get("manifest_sha256") == sha and old.get("kind") == s.kind:
+            cm, class_names = np.asarray(old["matrix"], dtype=np.int64), list(old["class_names"])
+        else:
+            try:
+                data = cache.for_manifest(s.manifest)
+                scores = test_scores(s, data)
+            except (KdensError, OSError, RuntimeError, ValueError, KeyError) as e:
+                # one unloadable folder (moved generalist, changed data) must not cost the whole report
+                notes.append(f"{s.name}: no confusion matrix ({type(e).__name__}: {e})")
+                continue
+            cm = M.confusion_matrix(scores, data.y_test, data.num_classes)  # (C, C)
+            class_names = list(data.class_names)
         errors, n = int(cm.sum() - cm.trace()), int(cm.sum())
         title = f"{s.name} ({s.kind}): {pct(1 - errors / n if n else None)} accuracy, {errors} errors of {n}"
-        path = plot_confusion(cm, data.class_names, title, figs.path(f"confusion-{_slug(s.name)}.png"))
+        path = plot_confusion(cm, class_names, title, figs.path(f"confusion-{_slug(s.name)}.png"))
         images.append(figs.image(path, title))
-        record[s.name] = {"kind": s.kind, "class_names": data.class_names, "test_examples": n,
-                          "test_errors": errors, "matrix": cm.tolist()}
+        record[s.name] = {"kind": s.kind, "class_names": class_names, "test_examples": n,
+                          "test_errors": errors, "matrix": cm.tolist(), "manifest_sha256": sha}
     blocks = []
     if images:
-        atomic_write_json(figs.path("confusion.json"), record)
+        atomic_write_json(figs.path(CONFUSION_JSON), record)
         blocks += [Para("Rows are true classes, columns predictions; colours are row-normalized "
                         "(the share of each true class), numbers are counts. Counts: report/confusion.json."),
                    Gallery(images)]
@@ -124,7 +159,9 @@ def ensemble_section(exp: Experiment, figs: Figures) -> Section | None:
 
 def _heatmap(s: StageView, clusters: dict, figs: Figures) -> Image | None:
     """The covariance of the generalist's predictions with the groups outlined (redrawn, else copied)."""
-    from specialists.plot import save_covariance_heatmap  # the spine imports later stages lazily
+    from specialists.plot import (
+        save_covariance_heatmap,  # the spine imports later stages lazily
+    )
 
     if clusters.get("source") == "groups":
         how = "given by --groups"

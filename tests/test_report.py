@@ -275,3 +275,27 @@ def test_deploy_without_bench_reads_each_report_and_draws_the_front(experiment, 
     assert rows[0][5] == f"{100 * rep['accuracy']:.2f}%" and "no bench stage result" in _section(text, "Deploy")
     _png_size((root / "report" / "pareto.png").read_bytes())
     assert "pipeline.json records no configuration." in text and not (root / "report.html").exists()
+
+
+def test_confusion_counts_are_reused_until_the_stage_manifest_changes(experiment, tmp_path):
+    root = tmp_path / "again"
+    shutil.copytree(experiment["root"], root)
+    conf = root / "report" / "confusion.json"
+    record = _json(conf)
+    true = record["student"]["matrix"]
+    assert record["student"]["manifest_sha256"]
+    marked = [row[:] for row in true]
+    marked[0][0] -= 1
+    marked[0][1] += 1  # one more error, same total: only a reused record keeps it
+    record["student"]["matrix"] = marked
+    conf.write_text(json.dumps(record))
+    write_report(root, html=False)
+    assert _json(conf)["student"]["matrix"] == marked
+    assert f"{record['student']['test_errors'] + 1} errors of 359" in (root / "report.md").read_text()
+
+    manifest = root / "students" / "student" / "manifest.json"
+    manifest.write_text(json.dumps(_json(manifest)))  # same content, new bytes: a different sha256
+    write_report(root, html=False)
+    again = _json(conf)
+    assert again["student"]["matrix"] == true
+    assert again["generalist"]["matrix"] == record["generalist"]["matrix"]
