@@ -29,7 +29,7 @@ def _reports(deploy_dir: Path) -> dict[str, dict]:
 
 
 def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_sizes, opts,
-                  rounds: int = 15) -> dict[str, dict]:
+                  rounds: int = 30) -> dict[str, dict]:
     """Fresh latency of every ONNX/TFLite artifact, timed interleaved in this process.
 
     Each round times every (artifact, batch size) once, pinned to ``t`` CPUs, in an order

@@ -16,17 +16,7 @@ import numpy as np
 from kdens import metrics as M
 from kdens.artifacts import MANIFEST, atomic_write_json, sha256_file
 from kdens.errors import KdensError
-from kdens.report_data import (
-    DataCache,
-    Experiment,
-    StageView,
-    count,
-    fmt,
-    num,
-    pct,
-    test_scores,
-    total_params,
-)
+from kdens.report_data import DataCache, Experiment, StageView, count, fmt, num, pct, test_scores, total_params
 from kdens.report_plots import plot_confusion, plot_training_curves
 from kdens.report_render import Code, Gallery, Image, Para, Section, Table
 

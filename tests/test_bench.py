@@ -172,3 +172,31 @@ def test_merge_import_adds_device_rows(tmp_path):
     # no eager baseline ran on the device: no speedup against the host's eager numbers
     assert next(r for r in out_rows if r["device"] == "pi5 (aarch64)")["speedup_vs_eager"] is None
     assert set(json.loads(paths["json"].read_text())["pareto_front"]) == {"tflite-int8", "tflite-float"}
+
+
+def _bench_deploy():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_deploy.py"
+    spec = importlib.util.spec_from_file_location("bench_deploy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_verdict_slower_faster_and_tie_against_the_aa_control():
+    """A 3% slower choice is 'slower', 3% faster is 'faster', identical work is a tie."""
+    B = _bench_deploy()
+    rng = np.random.default_rng(1)
+    hand = rng.normal(0.1, 0.002, 60)  # drifting per-round p50s
+    slow_runtime = hand * 1.5          # the other runtime, never the best
+    aa = hand * rng.normal(1, 0.004, 60)
+    noisy = hand * rng.normal(1, 0.004, 60)
+    assert B.paired_verdict(hand * 1.03, hand, slow_runtime, aa, slow_runtime)["verdict"] == "slower"
+    assert B.paired_verdict(hand * 0.97, hand, slow_runtime, aa, slow_runtime)["verdict"] == "faster"
+    v = B.paired_verdict(noisy, hand, slow_runtime, aa, slow_runtime)
+    assert v["verdict"] == "tie" and v["never_slower"]
+    lo, hi = v["ratio_ci95"]
+    assert lo <= v["ratio_median"] <= hi and 0.98 < lo and hi < 1.02
+    json.dumps(v)  # the results file takes it as is
