@@ -204,12 +204,33 @@ def predict_logits(model: nn.Module, x, batch_size: int = 2048, device: torch.de
     return torch.cat(outs)
 
 
-def _evaluate(model, x, y, cfg, device, amp) -> tuple[float, float]:
+def _evaluate(model, x, y, cfg, device, amp, epoch: int) -> tuple[float, float]:
     if x is None or len(x) == 0:
         return float("nan"), float("nan")
     logits = predict_logits(model, x, cfg.eval_batch_size, device, amp)
+    _check_alive(logits, epoch)
     yt = torch.as_tensor(y)
     return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())
+
+
+def _check_alive(logits: torch.Tensor, epoch: int) -> None:
+    """Stop a run whose output no longer depends on its input.
+
+    Every validation example getting the same logits means the hidden units died (a ReLU
+    net pushed far by one huge step); no later epoch can revive them, and the run would
+    otherwise finish "successfully" at chance accuracy. Seen here with distillation at
+    T=8 into a 30-30 MLP at SGD lr 0.05: the T^2-scaled soft gradient is up to T times a
+    cross-entropy gradient early on.
+    """
+    if len(logits) < 2:
+        return
+    spread = float((logits - logits[0]).abs().max())
+    if spread <= 1e-6 * (1.0 + float(logits[0].abs().max())):
+        raise TrainingError(
+            f"the network's output stopped depending on its input at epoch {epoch + 1} (every validation "
+            "example gets the same logits: its units died after too large a step); lower --lr or set "
+            "--grad-clip (e.g. 5), then rerun with --force"
+        )
 
 
 def _state_copy(model: nn.Module) -> dict:
@@ -338,7 +359,7 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
                     correct += (logits.detach().argmax(1) == yb).sum()
                 seen += len(idx)
             _check_finite(pending, epoch)
-            val_loss, val_acc = _evaluate(model, x_val, y_val, cfg, device, amp)
+            val_loss, val_acc = _evaluate(model, x_val, y_val, cfg, device, amp, epoch)
             rec = {
                 "epoch": epoch + 1,
                 "train_loss": float(loss_sum) / max(1, seen),

@@ -84,6 +84,21 @@ def test_nan_loss_names_epoch_and_step(digits):
             progress=False)
 
 
+def test_a_network_whose_units_died_stops_with_the_fix(digits, tmp_path):
+    """Dead ReLUs: the output no longer depends on the input, so the run stops, not 'succeeds'."""
+    m = build_model("mlp", 10, digits.input_shape, hidden=[16])
+    with torch.no_grad():
+        m.body[0].bias.fill_(-1e3)  # every hidden unit negative on every input: no gradient revives them
+    with pytest.raises(TrainingError, match=r"stopped depending on its input at epoch 1.*--grad-clip"):
+        fit(m, digits.x_train, digits.y_train, digits.x_val, digits.y_val, TrainConfig(epochs=3, batch_size=64),
+            ckpt_dir=tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()  # nothing saved from the dead epoch
+
+    alive = build_model("mlp", 10, digits.input_shape, hidden=[16])  # same data, healthy init: no error
+    fit(alive, digits.x_train, digits.y_train, digits.x_val, digits.y_val, TrainConfig(epochs=1, batch_size=64),
+        progress=False)
+
+
 def test_early_stopping_and_best_weights(digits):
     m = build_model("mlp", 10, digits.input_shape, hidden=[64])
     res = fit(m, digits.x_train, digits.y_train, digits.x_val, digits.y_val,
