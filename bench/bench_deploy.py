@@ -401,9 +401,10 @@ def render(res: dict) -> str:
     L += ["# Deploy benchmark (Fashion-MNIST)", "",
           (f"Machine: {m['model_name']}, {m['cpus']} CPUs ({m['cores_per_socket']} cores/socket, "
           f"{m['hypervisor']} VM). Load average at start {res['loadavg_start']}, before timing "
-          f"{res['loadavg_before_timing']}, at end {res['loadavg_end']}: the machine was shared with other "
-          "jobs, so every latency comparison below is interleaved in one process (rounds x variants, order "
-          "rotated each round, median over rounds of the per-round p50) and pinned to one CPU with one thread."),
+          f"{res['loadavg_before_timing']}, at end {res['loadavg_end']} (this benchmark alone keeps it near 1). "
+          "Load from other jobs drifts over minutes, so every latency comparison below is interleaved in one "
+          "process (rounds x variants, order rotated each round, median over rounds of the per-round p50) and "
+          "pinned to one CPU with one thread."),
           "", f"Produced by `{res['command']}` in {res['wall_s']:.0f} s.", "",
           "## 1. int8 accuracy and size (from each deploy's report.json)", "",
           ("| model | target | PyTorch float | float export | int8 | drop (pts) | int8 size (KB) | float size (KB) "

@@ -59,7 +59,9 @@ STEPS: dict[str, list] = {
                      "--out", "runs/fm/specialists-cnn-e6", "--report", "bench/results/specialists"]],
     "combine": [[PY, "bench/bench_combine.py", "--top-n", "1,2", "--threads", "1", "--json",
                  "bench/results/combine.json"]],
-    "deploy": [[PY, "bench/bench_deploy.py", "--reuse"]],
+    "deploy": [[PY, "bench/bench_deploy.py", "--reuse"],
+               [PY, "bench/bench_ort_formats.py", "--deploy", "runs/fm/deploy-cnn",
+                "--out", "bench/results/ort_formats_cnn.json"]],
     # torchdistill needs torchvision, which does not import beside the CPU torch 2.13.0 wheel:
     # it runs from its own venv (install commands in bench/bench_torchdistill.py's docstring)
     "torchdistill": [[".venv-bench/bin/python", "bench/bench_torchdistill.py", "--teacher", "runs/fm/cnn",
@@ -75,7 +77,16 @@ STEPS: dict[str, list] = {
                "--out", "bench/results/sweep-ensemble"],
               [PY, "bench/bench_sweep.py", *SWEEP, "--teacher", "cnn=runs/fm/cnn", "--teacher",
                "specialists=runs/fm/specialists-cnn-e6/seed-0", "--student", "big=800,800", "--temperatures", "4",
-               "--out", "bench/results/sweep-specialists"]],
+               "--out", "bench/results/sweep-specialists"],
+              # the distillation issue's longer schedule, and consistent augmentation (online teacher)
+              [PY, "bench/bench_sweep.py", "--data", "fashion-mnist", "--alpha", "0.1", "--seeds", "0", "--epochs", "30",
+               "--grad-clip", "5", "--jobs", "2", "--runs", "runs/fm/sweep30",
+               "--teacher", "cnn=runs/fm/cnn", "--student", "big=800,800", "--temperatures", "4",
+               "--out", "bench/results/sweep-30epochs"],
+              kdens_if_missing("runs/fm/x/T4-jit2-e40", "distill", "--teacher", "runs/fm/cnn", *FM, "--model", "mlp",
+                               "--model-arg", "hidden=800,800", "--temperature", "4", "--alpha", "0.1", "--jitter", "2",
+                               "--epochs", "40", "--grad-clip", "5", "--seed", "0",
+                               "--baseline", "runs/fm/sweep30/hard-big-s0")],
 }
 
 
