@@ -278,12 +278,7 @@ def hand_vs_kdens(run: Path, deploy_dir: Path, first_artifact: str | None, round
 AA_ORT, AA_TFL = "hand-ort-int8 (A/A)", "hand-litert-int8 (A/A)"
 
 
-def median_ci(ratios, n_boot: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of the median of per-round ratios (seeded: the report reproduces)."""
-    r = np.asarray(ratios, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(r), size=(n_boot, len(r)))
-    meds = np.median(r[idx], axis=1)
-    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+median_ci = latency.median_ci
 
 
 def paired_verdict(choice, ort, tfl, ort_aa, tfl_aa) -> dict:

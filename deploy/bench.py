@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deploy import latency
 from deploy.report import b1_latency
 from kdens.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -41,6 +42,7 @@ def _row(name: str, report: dict, device: str = "host") -> dict:
         "latency_key": found[0] if found else None,
         "latency_b1_p50_ms": found[1]["p50"] if found else None,
         "latency_b1_p90_ms": found[1]["p90"] if found else None,
+        "latency_b1_rounds_p50_ms": (report.get("latency_rounds_p50_ms") or {}).get(found[0]) if found else None,
         "latency_big_key": big, "latency_big_p50_ms": lat[big]["p50"] if big else None,
         "gates_passed": None if not gates else all(g.get("passed") is not False for g in gates.values()),
         "baseline": report.get("target") == "pytorch",
@@ -69,6 +71,30 @@ def pareto_front(rows: list[dict], latency: str = "latency_b1_p50_ms") -> list[s
         if not dominated:
             front.append(name)
     return front
+
+
+def mark_ties(rows: list[dict]) -> None:
+    """Compare every host row with the fastest one round by round, in place.
+
+    ``kdens bench`` times all artifacts in the same interleaved rounds, so each round gives
+    a paired ratio (row / fastest). A row whose 95% interval of the median ratio reaches 1
+    is ``tied_with_fastest``: the table's order between them is noise, not a reason to
+    pick one (two sessions of the same file differ by about 1% at batch 1).
+    """
+    timed = [r for r in rows if r["device"] == "host" and r.get("latency_b1_rounds_p50_ms")
+             and r.get("latency_b1_p50_ms") is not None]
+    for r in rows:
+        r["ratio_to_fastest"], r["tied_with_fastest"], r["fastest_host"] = None, None, False
+    if len(timed) < 2:
+        return
+    fastest = min(timed, key=lambda r: r["latency_b1_p50_ms"])
+    fastest["fastest_host"] = True
+    for r in timed:
+        if r is fastest or len(r["latency_b1_rounds_p50_ms"]) != len(fastest["latency_b1_rounds_p50_ms"]):
+            continue
+        ratio = latency.paired_ratio(r["latency_b1_rounds_p50_ms"], fastest["latency_b1_rounds_p50_ms"])
+        r["ratio_to_fastest"] = ratio
+        r["tied_with_fastest"] = ratio["ci95"][0] <= 1.0
 
 
 def _speedups(rows: list[dict]) -> None:
@@ -103,6 +129,13 @@ def render_table(rows: list[dict], front: list[str]) -> str:
                      f"| {gates} |")
     lines += ["", "`*` = on the host's accuracy/latency Pareto front (batch 1, fewest threads). "
               "Accuracy of device rows is the host's for the same file; their agreement is measured on the device."]
+    ties = [r for r in rows if r.get("tied_with_fastest")]
+    if ties:
+        first = next(r["name"] for r in rows if r.get("fastest_host"))
+        lines += ["", f"Within measurement resolution of the fastest ({first}) at batch 1: " + "; ".join(
+            f"{r['name']} ({r['ratio_to_fastest']['median']:.3f}x, 95% interval "
+            f"{r['ratio_to_fastest']['ci95'][0]:.3f}-{r['ratio_to_fastest']['ci95'][1]:.3f})" for r in ties)
+            + ". Their order is noise: pick among them by accuracy, size or calling interface."]
     return "\n".join(lines) + "\n"
 
 
@@ -150,6 +183,7 @@ def write_bench(deploy_dir: Path, rows: list[dict], out: Path | None = None) -> 
     out = Path(out or deploy_dir)
     rows = [dict(r) for r in rows]
     _speedups(rows)
+    mark_ties(rows)
     front = pareto_front([r for r in rows if r["device"] == "host"])
     for r in rows:
         r["pareto"] = r["name"] in front and r["device"] == "host"

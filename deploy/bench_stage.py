@@ -68,7 +68,8 @@ def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_siz
     for n, per_key in stats.items():
         lat = {key: {s: float(np.median([m[s] for m in ms])) for s in ("p50", "p90", "p99", "mean", "min")}
                | {"runs": int(sum(m["runs"] for m in ms)), "rounds": len(ms)} for key, ms in per_key.items()}
-        out[n] = {**reports[n], "latency_ms": lat, "latency_source": f"kdens bench (interleaved, {rounds} rounds)"}
+        out[n] = {**reports[n], "latency_ms": lat, "latency_source": f"kdens bench (interleaved, {rounds} rounds)",
+                  "latency_rounds_p50_ms": {key: [m["p50"] for m in ms] for key, ms in per_key.items()}}
     return out
 
 

@@ -46,6 +46,21 @@ def measure(run_fn: Callable[[np.ndarray], Any], x_batch: np.ndarray, warmup: in
     return percentiles(run_fn, x_batch, warmup, min_runs, min_seconds, max_runs=max_runs)
 
 
+def median_ci(ratios, n_boot: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median of paired per-round ratios (seeded, so reports reproduce)."""
+    r = np.asarray(ratios, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(r), size=(n_boot, len(r)))
+    meds = np.median(r[idx], axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
+def paired_ratio(a, b) -> dict:
+    """a / b round by round (both timed in the same rounds): median, 95% interval, rounds a was slower."""
+    r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
+    lo, hi = median_ci(r)
+    return {"median": float(np.median(r)), "ci95": [lo, hi], "rounds_slower": int((r > 1).sum()), "rounds": len(r)}
+
+
 def latency_key(batch_size: int, threads: int) -> str:
     """Key of one measurement in ``report["latency_ms"]``, e.g. ``b1_t1``."""
     return f"b{batch_size}_t{threads}"

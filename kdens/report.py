@@ -116,7 +116,7 @@ def _main_metrics(s: StageView) -> tuple[str, str, str, str]:
         note = (f"generalist + {len(m.get('specialists', []))} specialists; generalist alone "
                 f"{pct(m.get('generalist', {}).get('test_accuracy'))}")
     else:
-        note = f"{fmt(m.get('epochs_run'))} epochs"
+        note = f"{fmt(m.get('epochs_run'))} epoch{'' if m.get('epochs_run') == 1 else 's'}"
         if s.kind == "student":
             note += f", teacher {s.entry.get('teacher', '-')}"
     return pct(m.get("test_accuracy")), fmt(m.get("test_errors")), count(params), note

@@ -147,6 +147,37 @@ def test_pareto_ties_and_missing():
     assert bench.pareto_front(rows) == ["a", "b"]
 
 
+def test_rows_within_resolution_of_the_fastest_are_marked_tied():
+    """Paired per-round ratios: 1% noise around the fastest is a tie, a steady 5% is not."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.10, 0.003, 30)  # per-round p50s of the fastest, drifting with load
+
+    def row(name, rounds, device="host"):
+        rounds = list(rounds)
+        return {"name": name, "device": device, "latency_b1_p50_ms": float(np.median(rounds)),
+                "latency_b1_rounds_p50_ms": rounds}
+
+    rows = [row("fast", base), row("twin", base * rng.normal(1.0, 0.01, 30)), row("slow", base * 1.05),
+            {"name": "pytorch-float", "device": "host", "latency_b1_p50_ms": 0.5, "latency_b1_rounds_p50_ms": None},
+            row("phone", base * 3, device="pixel")]
+    bench.mark_ties(rows)
+    by = {r["name"]: r for r in rows}
+    assert by["fast"]["fastest_host"] and by["fast"]["tied_with_fastest"] is None
+    assert by["twin"]["tied_with_fastest"] is True
+    lo, hi = by["twin"]["ratio_to_fastest"]["ci95"]
+    assert lo <= 1.0 <= hi
+    assert by["slow"]["tied_with_fastest"] is False
+    assert by["slow"]["ratio_to_fastest"]["median"] == pytest.approx(1.05)
+    assert by["slow"]["ratio_to_fastest"]["rounds_slower"] == 30
+    assert by["pytorch-float"]["tied_with_fastest"] is None and by["phone"]["tied_with_fastest"] is None
+    for r in rows:
+        r.update(target=None, precision=None, runtime=None, size_bytes=None, accuracy=None, agreement=None,
+                 latency_b1_p90_ms=None, latency_big_p50_ms=None, latency_big_key=None, gates_passed=None)
+    text = bench.render_table(rows, [])
+    assert "Within measurement resolution of the fastest (fast) at batch 1: twin (" in text
+    assert "slow (" not in text
+
+
 def test_merge_import_adds_device_rows(tmp_path):
     rows = bench.collect(_deploy_dir(tmp_path))
     result = {"environment": {"host": "pi5", "machine": "aarch64"},

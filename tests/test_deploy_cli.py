@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -41,6 +42,10 @@ def test_deploy_onnx_int8_passes_gates_then_bench(trained, tmp_path):
     bench = json.loads((out / "bench.json").read_text())
     names = {row["name"] for row in bench["rows"]}
     assert names == {"onnx-int8", "pytorch-float"}
+    by = {row["name"]: row for row in bench["rows"]}
+    rounds = by["onnx-int8"]["latency_b1_rounds_p50_ms"]  # the interleaved rounds behind the median
+    assert len(rounds) == 30 and by["onnx-int8"]["latency_b1_p50_ms"] == pytest.approx(float(np.median(rounds)))
+    assert by["pytorch-float"]["latency_b1_rounds_p50_ms"] is None
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
