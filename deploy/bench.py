@@ -111,7 +111,7 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def render_table(rows: list[dict], front: list[str]) -> str:
+def render_table(rows: list[dict], front: list[str], other_load_cpus: float | None = None) -> str:
     """Markdown table sorted by batch-1 latency (rows without latency last); * marks the front."""
     rows = sorted(rows, key=lambda r: (r["latency_b1_p50_ms"] is None, r["latency_b1_p50_ms"] or 0, r["name"]))
     lines = ["| | variant | device | runtime | size (KB) | accuracy | agreement | b1 p50 (ms) | b1 p90 (ms) "
@@ -136,6 +136,13 @@ def render_table(rows: list[dict], front: list[str]) -> str:
             f"{r['name']} ({r['ratio_to_fastest']['median']:.3f}x, 95% interval "
             f"{r['ratio_to_fastest']['ci95'][0]:.3f}-{r['ratio_to_fastest']['ci95'][1]:.3f})" for r in ties)
             + ". Their order is noise: pick among them by accuracy, size or calling interface."]
+    if other_load_cpus is not None:
+        if other_load_cpus > latency.OTHER_LOAD_WARN_CPUS:
+            lines += ["", f"**Warning:** other processes kept {other_load_cpus:.2f} CPUs busy on average while this "
+                      "table was timed. Contention slows runtimes unevenly, so this order may not hold on an idle "
+                      "machine or on the target device: rerun `kdens bench` when nothing else runs."]
+        else:
+            lines += ["", f"Other processes while timing: {other_load_cpus:.2f} CPUs busy on average."]
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +185,13 @@ def plot(rows: list[dict], front: list[str], path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def write_bench(deploy_dir: Path, rows: list[dict], out: Path | None = None) -> dict[str, Path]:
-    """Write bench.json, bench.md and bench.png into ``out`` (default ``deploy_dir``)."""
+def write_bench(deploy_dir: Path, rows: list[dict], out: Path | None = None,
+                other_load_cpus: float | None = None) -> dict[str, Path]:
+    """Write bench.json, bench.md and bench.png into ``out`` (default ``deploy_dir``).
+
+    ``other_load_cpus``: CPUs other processes kept busy while the rows were timed (None when
+    this call timed nothing or cannot tell); recorded, and a warning when it is high.
+    """
     out = Path(out or deploy_dir)
     rows = [dict(r) for r in rows]
     _speedups(rows)
@@ -188,8 +200,8 @@ def write_bench(deploy_dir: Path, rows: list[dict], out: Path | None = None) -> 
     for r in rows:
         r["pareto"] = r["name"] in front and r["device"] == "host"
     paths = {"json": atomic_write_json(out / "bench.json", {"deploy_dir": str(deploy_dir), "pareto_front": front,
-                                                             "rows": rows}),
-             "md": atomic_write_text(out / "bench.md", render_table(rows, front)),
+                                                             "other_load_cpus": other_load_cpus, "rows": rows}),
+             "md": atomic_write_text(out / "bench.md", render_table(rows, front, other_load_cpus)),
              "png": plot(rows, front, out / "bench.png")}
     return paths
 

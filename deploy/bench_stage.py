@@ -29,14 +29,15 @@ def _reports(deploy_dir: Path) -> dict[str, dict]:
 
 
 def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_sizes, opts,
-                  rounds: int = 30) -> dict[str, dict]:
+                  rounds: int = 30) -> tuple[dict[str, dict], float | None]:
     """Fresh latency of every ONNX/TFLite artifact, timed interleaved in this process.
 
     Each round times every (artifact, batch size) once, pinned to ``t`` CPUs, in an order
     rotated every round; each reported statistic is the median over rounds. Timing the
     artifacts one after another instead lets load drift on a shared machine decide the
     ranking (a small CNN's tflite-float came out first although onnx-int8 was 1.15x faster
-    when interleaved). Parity is re-checked on each folder's samples.
+    when interleaved). Parity is re-checked on each folder's samples. Also returns how many
+    CPUs other processes kept busy meanwhile (None off Linux).
     """
     from deploy import latency
 
@@ -52,6 +53,20 @@ def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_siz
             raise ArtifactError(f"{folder / model_file} no longer loads ({res['error']}); redeploy it")
         models[name] = (folder / model_file, x)
     stats: dict[str, dict[str, list[dict]]] = {n: {} for n in models}
+    with latency.OtherLoad() as other:
+        _timed_rounds(models, stats, threads, batch_sizes, opts, rounds)
+    for n, per_key in stats.items():
+        lat = {key: {s: float(np.median([m[s] for m in ms])) for s in ("p50", "p90", "p99", "mean", "min")}
+               | {"runs": int(sum(m["runs"] for m in ms)), "rounds": len(ms)} for key, ms in per_key.items()}
+        out[n] = {**reports[n], "latency_ms": lat, "latency_source": f"kdens bench (interleaved, {rounds} rounds)",
+                  "latency_rounds_p50_ms": {key: [m["p50"] for m in ms] for key, ms in per_key.items()}}
+    return out, other.cpus
+
+
+def _timed_rounds(models, stats, threads, batch_sizes, opts, rounds: int) -> None:
+    """Fill ``stats[name][latency key]`` with one measurement per round, order rotated each round."""
+    from deploy import latency
+
     for t in threads:
         with latency.pinned(t):
             runners = {n: edge_runner.load(path, num_threads=t) for n, (path, _) in models.items()}
@@ -65,12 +80,6 @@ def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_siz
                     stats[n].setdefault(latency.latency_key(bs, t), []).append(latency.measure(
                         m.run_fn(bs), xb, warmup=opts.latency_warmup, min_runs=max(1, opts.latency_min_runs // rounds),
                         min_seconds=opts.latency_min_seconds / rounds))
-    for n, per_key in stats.items():
-        lat = {key: {s: float(np.median([m[s] for m in ms])) for s in ("p50", "p90", "p99", "mean", "min")}
-               | {"runs": int(sum(m["runs"] for m in ms)), "rounds": len(ms)} for key, ms in per_key.items()}
-        out[n] = {**reports[n], "latency_ms": lat, "latency_source": f"kdens bench (interleaved, {rounds} rounds)",
-                  "latency_rounds_p50_ms": {key: [m["p50"] for m in ms] for key, ms in per_key.items()}}
-    return out
 
 
 def baseline(deploy_dir: Path, reports: dict[str, dict], opts) -> dict | None:
@@ -96,9 +105,9 @@ def run(deploy_dir: Path, threads, batch_sizes, *, imports: tuple[Path, ...] = (
     """Build the bench table for ``deploy_dir``; returns the written paths."""
     deploy_dir = Path(deploy_dir)
     opts = common.DeployOptions(threads=threads, batch_sizes=batch_sizes)
-    reports = _reports(deploy_dir)
+    reports, other_load = _reports(deploy_dir), None
     if measure:
-        reports = remeasure_all(deploy_dir, reports, opts.threads, opts.batch_sizes, opts)
+        reports, other_load = remeasure_all(deploy_dir, reports, opts.threads, opts.batch_sizes, opts)
         base = baseline(deploy_dir, reports, opts)
         if base is not None:
             reports[BASELINE] = base
@@ -107,7 +116,7 @@ def run(deploy_dir: Path, threads, batch_sizes, *, imports: tuple[Path, ...] = (
     rows = [bench._row(n, r) for n, r in sorted(reports.items())]
     for imp in imports:
         rows = bench.merge_import(rows, imp)
-    paths = bench.write_bench(deploy_dir, rows)
+    paths = bench.write_bench(deploy_dir, rows, other_load_cpus=other_load)
     if bundle is not None:
         from deploy.bundle import make_bundle
 

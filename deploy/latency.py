@@ -46,6 +46,44 @@ def measure(run_fn: Callable[[np.ndarray], Any], x_batch: np.ndarray, warmup: in
     return percentiles(run_fn, x_batch, warmup, min_runs, min_seconds, max_runs=max_runs)
 
 
+OTHER_LOAD_WARN_CPUS = 0.25
+"""Other processes busier than this (CPUs on average) while timing get a warning in the table."""
+
+
+def _machine_busy_seconds() -> float | None:
+    """Busy CPU-seconds of the whole machine since boot, from /proc/stat (None off Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    v = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")  # steal: the host's other VMs
+
+
+class OtherLoad:
+    """How many CPUs other processes kept busy, on average, while a block ran.
+
+    Machine busy time minus this process's CPU time, over the wall time. Contention does
+    not slow every runtime alike (on the 2-core box here, a neighbour job took int8 ORT's
+    lead over float XNNPACK on a small CNN from 1.2x to nothing), so a latency ranking
+    taken under load is reported with the load it was taken under. ``cpus`` is None where
+    /proc/stat does not exist.
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self.cpus: float | None = None
+        self._t, self._busy, self._own = time.perf_counter(), _machine_busy_seconds(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        busy, wall = _machine_busy_seconds(), time.perf_counter() - self._t
+        if busy is not None and self._busy is not None and wall > 0:
+            self.cpus = max(0.0, (busy - self._busy - (time.process_time() - self._own)) / wall)
+        return False
+
+
 def median_ci(ratios, n_boot: int = 4000, seed: int = 0) -> tuple[float, float]:
     """95% bootstrap interval of the median of paired per-round ratios (seeded, so reports reproduce)."""
     r = np.asarray(ratios, dtype=float)

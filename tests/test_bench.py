@@ -178,6 +178,28 @@ def test_rows_within_resolution_of_the_fastest_are_marked_tied():
     assert "slow (" not in text
 
 
+def test_other_load_sees_a_busy_neighbour_and_the_table_warns():
+    """A real CPU-burning process beside a sleeping block counts as about one busy CPU."""
+    import subprocess
+    import sys
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start
+        with latency.OtherLoad() as other:
+            time.sleep(1.0)  # this process does nothing: whatever is busy is someone else
+    finally:
+        burner.kill()
+        burner.wait()
+    assert other.cpus is not None and other.cpus > 0.6
+    row = {"name": "a", "device": "host", "target": None, "precision": None, "runtime": None, "size_bytes": None,
+           "accuracy": None, "agreement": None, "latency_b1_p50_ms": 0.1, "latency_b1_p90_ms": None,
+           "latency_big_p50_ms": None, "latency_big_key": None, "gates_passed": None}
+    assert "**Warning:** other processes kept" in bench.render_table([row], [], other.cpus)
+    assert "Other processes while timing: 0.05 CPUs" in bench.render_table([row], [], 0.05)
+    assert "Other processes" not in bench.render_table([row], [], None)
+
+
 def test_merge_import_adds_device_rows(tmp_path):
     rows = bench.collect(_deploy_dir(tmp_path))
     result = {"environment": {"host": "pi5", "machine": "aarch64"},

@@ -46,6 +46,8 @@ def test_deploy_onnx_int8_passes_gates_then_bench(trained, tmp_path):
     rounds = by["onnx-int8"]["latency_b1_rounds_p50_ms"]  # the interleaved rounds behind the median
     assert len(rounds) == 30 and by["onnx-int8"]["latency_b1_p50_ms"] == pytest.approx(float(np.median(rounds)))
     assert by["pytorch-float"]["latency_b1_rounds_p50_ms"] is None
+    assert bench["other_load_cpus"] >= 0  # Linux: measured while timing, and said in bench.md
+    assert "CPUs busy on average" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
