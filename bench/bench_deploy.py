@@ -128,8 +128,8 @@ def kdens_bench(deploy_dir: Path) -> dict:
     print(f"[bench] {deploy_dir} ...", flush=True)
     r = _run(cmd, deploy_dir / "bench.log")
     b = json.loads((deploy_dir / "bench.json").read_text())
-    ranked = sorted((row for row in b["rows"] if not row["baseline"] and row["latency_b1_p50_ms"]),
-                    key=lambda row: row["latency_b1_p50_ms"])
+    ranked = sorted((row for row in b["rows"] if not row["baseline"] and row["latency_b1_rank_ms"]),
+                    key=lambda row: row["latency_b1_rank_ms"])  # the table's own order
     return {**r, "table_md": (deploy_dir / "bench.md").read_text(), "rows": b["rows"],
             "pareto_front": b["pareto_front"], "first_artifact": ranked[0]["name"] if ranked else None}
 
@@ -193,7 +193,7 @@ def interleaved(variants: dict[str, tuple], rounds: int, min_seconds: float) -> 
     names = list(variants)
     p50s: dict[str, list[float]] = {n: [] for n in names}
     p90s: dict[str, list[float]] = {n: [] for n in names}
-    with latency.pinned(1) as cpus:
+    with latency.pinned(1) as cpus, latency.OtherLoad() as other:
         for r in range(rounds):
             k = r % len(names)
             for n in names[k:] + names[:k]:
@@ -202,6 +202,7 @@ def interleaved(variants: dict[str, tuple], rounds: int, min_seconds: float) -> 
                 p50s[n].append(m["p50"])
                 p90s[n].append(m["p90"])
     return {"pinned_cpus": cpus, "rounds": rounds, "min_seconds_per_measurement": min_seconds,
+            "other_load_cpus": other.cpus,
             "median_p50_ms": {n: statistics.median(v) for n, v in p50s.items()},
             "median_p90_ms": {n: statistics.median(v) for n, v in p90s.items()},
             "quiet_p50_ms": {n: float(np.percentile(v, 10)) for n, v in p50s.items()},
@@ -348,13 +349,18 @@ def machine() -> dict:
             "lscpu_head": lscpu[:20], "python": sys.version.split()[0], "torch": torch.__version__}
 
 
+def _cpus(v: float | None) -> str:
+    return "an unknown number of" if v is None else f"{v:.2f}"
+
+
 def _render_hand(key: str, h: dict, kdens_acc: dict) -> list[str]:
     t, sm = h["timing"], h["summary"]
     med, quiet = t["median_p50_ms"], t["quiet_p50_ms"]
     L = [f"## 2. Batch-1, 1-thread latency: kdens vs hand-made int8 exports ({key}: {h['model_run']})", "",
          (f"{t['rounds']} rounds x {len(med)} variants, >= {t['min_seconds_per_measurement']} s and >= 100 calls per "
          f"measurement, pinned to CPU {t['pinned_cpus']}, input = test image 0 for all. median = median over rounds "
-         "of the per-round p50; quiet = 10th percentile over rounds of the per-round p50."), "",
+         "of the per-round p50; quiet = 10th percentile over rounds of the per-round p50. Other processes kept "
+         f"{_cpus(t.get('other_load_cpus'))} CPUs busy on average meanwhile."), "",
          ("| variant | median p50 (ms) | quiet p50 (ms) | min p50 (ms) | median p90 (ms) | vs best hand (median) "
          "| vs best hand (quiet) | test accuracy |"), "|---|---|---|---|---|---|---|---|"]
     bm, bq = med[sm["median"]["best_hand"]], quiet[sm["quiet"]["best_hand"]]

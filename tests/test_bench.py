@@ -147,35 +147,54 @@ def test_pareto_ties_and_missing():
     assert bench.pareto_front(rows) == ["a", "b"]
 
 
+def _timed_report(rounds, target="onnx", precision="int8"):
+    """A report as ``kdens bench`` leaves it after interleaved rounds (per-round b1 p50s kept)."""
+    rounds = [float(v) for v in rounds]
+    rep = _report(target=target, precision=precision, b1=(float(np.median(rounds)), 2 * float(np.median(rounds))))
+    rep["latency_ms"]["b1_t1"]["quiet_p50"] = float(np.percentile(rounds, 20))
+    rep["latency_rounds_p50_ms"] = {"b1_t1": rounds}
+    return rep
+
+
 def test_rows_within_resolution_of_the_fastest_are_marked_tied():
     """Paired per-round ratios: 1% noise around the fastest is a tie, a steady 5% is not."""
     rng = np.random.default_rng(0)
     base = rng.normal(0.10, 0.003, 30)  # per-round p50s of the fastest, drifting with load
-
-    def row(name, rounds, device="host"):
-        rounds = list(rounds)
-        return {"name": name, "device": device, "latency_b1_p50_ms": float(np.median(rounds)),
-                "latency_b1_rounds_p50_ms": rounds}
-
-    rows = [row("fast", base), row("twin", base * rng.normal(1.0, 0.01, 30)), row("slow", base * 1.05),
-            {"name": "pytorch-float", "device": "host", "latency_b1_p50_ms": 0.5, "latency_b1_rounds_p50_ms": None},
-            row("phone", base * 3, device="pixel")]
+    rows = [bench._row("fast", _timed_report(base)),
+            bench._row("twin", _timed_report(base * rng.normal(1.0, 0.01, 30))),
+            bench._row("slow", _timed_report(base * 1.05)),
+            bench._row("pytorch-float", {**_report(target="pytorch", b1=(0.5, 0.6))}),
+            {**bench._row("phone", _timed_report(base * 3)), "device": "pixel"}]
     bench.mark_ties(rows)
     by = {r["name"]: r for r in rows}
-    assert by["fast"]["fastest_host"] and by["fast"]["tied_with_fastest"] is None
-    assert by["twin"]["tied_with_fastest"] is True
-    lo, hi = by["twin"]["ratio_to_fastest"]["ci95"]
+    first = "fast" if by["fast"]["fastest_host"] else "twin"  # equal work: either may rank first
+    other = {"fast": "twin", "twin": "fast"}[first]
+    assert by[first]["fastest_host"] and by[first]["tied_with_fastest"] is None
+    assert by[other]["tied_with_fastest"] is True
+    lo, hi = by[other]["ratio_to_fastest"]["ci95"]
     assert lo <= 1.0 <= hi
     assert by["slow"]["tied_with_fastest"] is False
-    assert by["slow"]["ratio_to_fastest"]["median"] == pytest.approx(1.05)
-    assert by["slow"]["ratio_to_fastest"]["rounds_slower"] == 30
+    assert by["slow"]["ratio_to_fastest"]["median"] == pytest.approx(1.05, rel=0.012)
+    assert by["slow"]["ratio_to_fastest"]["ci95"][0] > 1.0
     assert by["pytorch-float"]["tied_with_fastest"] is None and by["phone"]["tied_with_fastest"] is None
-    for r in rows:
-        r.update(target=None, precision=None, runtime=None, size_bytes=None, accuracy=None, agreement=None,
-                 latency_b1_p90_ms=None, latency_big_p50_ms=None, latency_big_key=None, gates_passed=None)
     text = bench.render_table(rows, [])
-    assert "Within measurement resolution of the fastest (fast) at batch 1: twin (" in text
+    assert f"Not measurably slower than the fastest ({first}) at batch 1" in text and f"{other} (" in text
     assert "slow (" not in text
+
+
+def test_the_table_ranks_by_the_quiet_level_not_the_median():
+    """Seen on this VM: the faster file hit by slow rounds more often had the higher median."""
+    rng = np.random.default_rng(1)
+    slow_round = rng.random(30) < 0.6  # a neighbour thrashes the cache in 60% of this file's rounds
+    fast = np.where(slow_round, 0.20, 0.12) * rng.normal(1, 0.01, 30)
+    steady = 0.15 * rng.normal(1, 0.01, 30)
+    rows = [bench._row("onnx-float", _timed_report(steady, precision="float")),
+            bench._row("onnx-int8", _timed_report(fast))]
+    by = {r["name"]: r for r in rows}
+    assert by["onnx-int8"]["latency_b1_p50_ms"] > by["onnx-float"]["latency_b1_p50_ms"]  # the median misleads
+    assert by["onnx-int8"]["latency_b1_rank_ms"] < by["onnx-float"]["latency_b1_rank_ms"]
+    lines = bench.render_table(rows, []).splitlines()
+    assert lines[2].split("|")[2].strip() == "onnx-int8"
 
 
 def test_other_load_sees_a_busy_neighbour_and_the_table_warns():
