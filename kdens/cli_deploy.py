@@ -83,7 +83,10 @@ def bench_cmd(deploy_dir, threads, batch_sizes, imports, bundle, no_measure):
 
     \b
     Every ONNX/TFLite artifact and the PyTorch eager baseline are timed side by side in
-    this process; writes bench.json, bench.md and bench.png into DEPLOY_DIR.
+    this process, in 30 interleaved rounds; rows are ranked by their quiet p50 (what a
+    call costs when nothing disturbs it), rows not measurably slower than the fastest
+    are named, and the table says how busy other processes kept the CPUs meanwhile.
+    Writes bench.json, bench.md and bench.png into DEPLOY_DIR.
     \b
     Examples:
       kdens bench runs/fm/deploy --threads 1,2 --batch-sizes 1,32
