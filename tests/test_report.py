@@ -210,6 +210,11 @@ def test_deploy_section_from_bench(experiment):
     assert {r[1] for r in rows} == {r["name"] for r in bench["rows"]} == {"onnx-float", "pytorch-float"}
     for r in rows:
         assert (r[0] == "*") == (r[1] in bench["pareto_front"])
+    by = {r["name"]: r for r in bench["rows"]}
+    assert [r[1] for r in rows] == sorted(by, key=lambda n: by[n]["latency_b1_rank_ms"])  # kdens bench's order
+    onnx = next(r for r in rows if r[1] == "onnx-float")
+    assert onnx[7] == f"{by['onnx-float']['latency_b1_quiet_p50_ms']:.4f}"  # timed in rounds: a quiet level
+    assert next(r for r in rows if r[1] == "pytorch-float")[7] == "-"
     assert (root / "report" / "pareto.png").read_bytes() == (root / "deploy" / "bench.png").read_bytes()
 
 
