@@ -101,6 +101,11 @@ def mark_ties(rows: list[dict]) -> None:
         r["tied_with_fastest"] = ratio["ci95"][0] <= 1.0
 
 
+def _rank_ms(r: dict) -> float | None:
+    """The latency a row is ranked by (rows written before kdens bench kept rounds: their p50)."""
+    return r.get("latency_b1_rank_ms", r.get("latency_b1_p50_ms"))
+
+
 def _speedups(rows: list[dict]) -> None:
     """Add ``speedup_vs_eager`` (baseline b1 p50 / row b1 p50) per device, in place."""
     for dev in {r["device"] for r in rows}:
@@ -118,8 +123,7 @@ def _fmt(v: Any, spec: str) -> str:
 def render_table(rows: list[dict], front: list[str], other_load_cpus: float | None = None) -> str:
     """Markdown table sorted by batch-1 latency (quiet level where timed in rounds; rows without
     latency last); * marks the front."""
-    rows = sorted(rows, key=lambda r: (r.get("latency_b1_rank_ms") is None, r.get("latency_b1_rank_ms") or 0,
-                                       r["name"]))
+    rows = sorted(rows, key=lambda r: (_rank_ms(r) is None, _rank_ms(r) or 0, r["name"]))
     lines = ["| | variant | device | runtime | size (KB) | accuracy | agreement | b1 p50 quiet (ms) | b1 p50 (ms) "
              "| b1 p90 (ms) | large batch p50 (ms) | vs eager | gates |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -166,17 +170,17 @@ def plot(rows: list[dict], front: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    pts = [r for r in rows if r["accuracy"] is not None and r["latency_b1_rank_ms"]]
+    pts = [r for r in rows if r["accuracy"] is not None and _rank_ms(r)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts.sort(key=lambda r: r["latency_b1_rank_ms"])
+    pts.sort(key=lambda r: _rank_ms(r))
     for i, r in enumerate(pts):
         on = r["name"] in front and r["device"] == "host"
-        ax.scatter(r["latency_b1_rank_ms"], 100 * r["accuracy"], marker="o" if r["device"] == "host" else "s",
+        ax.scatter(_rank_ms(r), 100 * r["accuracy"], marker="o" if r["device"] == "host" else "s",
                    color="C3" if on else "C0", zorder=3)
         ax.annotate(r["name"] + ("" if r["device"] == "host" else f" @{r['device']}"),
-                    (r["latency_b1_rank_ms"], 100 * r["accuracy"]), textcoords="offset points",
+                    (_rank_ms(r), 100 * r["accuracy"]), textcoords="offset points",
                     xytext=(4, (4, -11, 15)[i % 3]), fontsize=8)  # staggered: near points stay readable
-    fr = sorted((r["latency_b1_rank_ms"], 100 * r["accuracy"]) for r in pts
+    fr = sorted((_rank_ms(r), 100 * r["accuracy"]) for r in pts
                 if r["name"] in front and r["device"] == "host")
     if fr:
         ax.step([p[0] for p in fr], [p[1] for p in fr], where="post", color="C3", lw=1, label="Pareto front")
