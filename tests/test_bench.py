@@ -272,3 +272,15 @@ def test_paired_verdict_slower_faster_and_tie_against_the_aa_control():
     lo, hi = v["ratio_ci95"]
     assert lo <= v["ratio_median"] <= hi and 0.98 < lo and hi < 1.02
     json.dumps(v)  # the results file takes it as is
+
+
+def test_rows_from_an_older_bench_json_rank_and_plot_by_their_p50(tmp_path):
+    """bench.json written before kdens bench kept rounds has no ranking key: p50 stands in."""
+    old = []
+    for name, p50 in (("b", 0.2), ("a", 0.1)):
+        row = bench._row(name, _report(b1=(p50, 2 * p50)))
+        del row["latency_b1_rank_ms"], row["latency_b1_quiet_p50_ms"], row["latency_b1_rounds_p50_ms"]
+        old.append(row)
+    lines = bench.render_table(old, ["a"]).splitlines()
+    assert [ln.split("|")[2].strip() for ln in lines[2:4]] == ["a", "b"]
+    assert bench.plot(old, ["a"], tmp_path / "old.png").read_bytes()[:4] == b"\x89PNG"
