@@ -60,8 +60,8 @@ STEPS: dict[str, list] = {
     "combine": [[PY, "bench/bench_combine.py", "--top-n", "1,2", "--threads", "1", "--json",
                  "bench/results/combine.json"]],
     "deploy": [[PY, "bench/bench_deploy.py", "--reuse"],
-               [PY, "bench/bench_ort_formats.py", "--deploy", "runs/fm/deploy-cnn",
-                "--out", "bench/results/ort_formats_cnn.json"]],
+               [PY, "bench/bench_ort_formats.py", "--deploy", "runs/fm/deploy-cnn", "--rounds", "80",
+                "--out", "bench/results/ort_formats_cnn_80rounds.json"]],
     # torchdistill needs torchvision, which does not import beside the CPU torch 2.13.0 wheel:
     # it runs from its own venv (install commands in bench/bench_torchdistill.py's docstring)
     "torchdistill": [[".venv-bench/bin/python", "bench/bench_torchdistill.py", "--teacher", "runs/fm/cnn",
