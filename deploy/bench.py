@@ -151,7 +151,7 @@ def render_table(rows: list[dict], front: list[str], other_load_cpus: float | No
             f"{r['ratio_to_fastest']['ci95'][0]:.3f}-{r['ratio_to_fastest']['ci95'][1]:.3f})" for r in ties)
             + ". Their order is noise: pick among them by accuracy, size or calling interface."]
     if other_load_cpus is not None:
-        if other_load_cpus > latency.OTHER_LOAD_WARN_CPUS:
+        if latency.other_load_is_high(other_load_cpus):
             lines += ["", f"**Warning:** other processes kept {other_load_cpus:.2f} CPUs busy on average while this "
                       "table was timed. Contention slows runtimes unevenly, so this order may not hold on an idle "
                       "machine or on the target device: rerun `kdens bench` when nothing else runs."]

@@ -46,8 +46,15 @@ def measure(run_fn: Callable[[np.ndarray], Any], x_batch: np.ndarray, warmup: in
     return percentiles(run_fn, x_batch, warmup, min_runs, min_seconds, max_runs=max_runs)
 
 
-OTHER_LOAD_WARN_CPUS = 0.25
-"""Other processes busier than this (CPUs on average) while timing get a warning in the table."""
+def other_load_is_high(cpus: float, ncpu: int | None = None) -> bool:
+    """Whether other processes were busy enough while timing to doubt a close ranking.
+
+    A quarter of a CPU on a small board, or a tenth of the machine on a big one: pinned
+    runs share caches and memory bandwidth with whatever else runs, but a few daemons on a
+    64-core host do not disturb them the way one busy neighbour does on 2 cores.
+    """
+    ncpu = ncpu or os.cpu_count() or 1
+    return cpus > max(0.25, 0.1 * ncpu)
 
 
 def _machine_busy_seconds() -> float | None:
