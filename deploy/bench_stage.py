@@ -57,7 +57,7 @@ def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_siz
         _timed_rounds(models, stats, threads, batch_sizes, opts, rounds)
     for n, per_key in stats.items():
         # quiet_p50: the 20th percentile over rounds. On a shared VM some rounds run ~1.6x slow
-        # (a neighbour thrashing the cache, invisible from inside); when that hits one artifact
+        # (from outside the VM: nothing inside it was busy); when that hits one artifact
         # in more rounds than another, their medians swap. The quiet level ranks what each
         # artifact costs on an idle device; the medians stay the reported p50/p90/p99.
         lat = {key: {s: float(np.median([m[s] for m in ms])) for s in ("p50", "p90", "p99", "mean", "min")}
