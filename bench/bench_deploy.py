@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy import common, latency
+from deploy import bench, common, latency
 from deploy.edge_runner import OnnxModel, TFLiteModel, dequantize
 from kdens.artifacts import atomic_write_json, atomic_write_text, read_manifest
 
@@ -128,8 +128,7 @@ def kdens_bench(deploy_dir: Path) -> dict:
     print(f"[bench] {deploy_dir} ...", flush=True)
     r = _run(cmd, deploy_dir / "bench.log")
     b = json.loads((deploy_dir / "bench.json").read_text())
-    ranked = sorted((row for row in b["rows"] if not row["baseline"] and row["latency_b1_rank_ms"]),
-                    key=lambda row: row["latency_b1_rank_ms"])  # the table's own order
+    ranked = [row for row in bench.ranked(b["rows"]) if not row["baseline"] and row["latency_b1_rank_ms"]]
     return {**r, "table_md": (deploy_dir / "bench.md").read_text(), "rows": b["rows"],
             "pareto_front": b["pareto_front"], "first_artifact": ranked[0]["name"] if ranked else None}
 

@@ -106,6 +106,11 @@ def _rank_ms(r: dict) -> float | None:
     return r.get("latency_b1_rank_ms", r.get("latency_b1_p50_ms"))
 
 
+def ranked(rows: list[dict]) -> list[dict]:
+    """Rows in the bench table's order: by batch-1 latency (quiet level where timed in rounds), unmeasured last."""
+    return sorted(rows, key=lambda r: (_rank_ms(r) is None, _rank_ms(r) or 0, r["name"]))
+
+
 def _speedups(rows: list[dict]) -> None:
     """Add ``speedup_vs_eager`` (baseline b1 p50 / row b1 p50) per device, in place."""
     for dev in {r["device"] for r in rows}:
@@ -123,7 +128,7 @@ def _fmt(v: Any, spec: str) -> str:
 def render_table(rows: list[dict], front: list[str], other_load_cpus: float | None = None) -> str:
     """Markdown table sorted by batch-1 latency (quiet level where timed in rounds; rows without
     latency last); * marks the front."""
-    rows = sorted(rows, key=lambda r: (_rank_ms(r) is None, _rank_ms(r) or 0, r["name"]))
+    rows = ranked(rows)
     lines = ["| | variant | device | runtime | size (KB) | accuracy | agreement | b1 p50 quiet (ms) | b1 p50 (ms) "
              "| b1 p90 (ms) | large batch p50 (ms) | vs eager | gates |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

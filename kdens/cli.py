@@ -118,7 +118,6 @@ def _register() -> None:
 _register()
 
 
-
 def main() -> None:
     cli(prog_name="kdens")
 

@@ -224,7 +224,7 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
         for t in temps:
             name = f"{base}-T{t:g}" if multi else base
             _unique(name, stages)
-            layer = {**{k: v for k, v in data.items()}, **table, "teacher": teacher_path, "temperature": t,
+            layer = {**data, **table, "teacher": teacher_path, "temperature": t,
                      "cache_dir": where("soft_targets")}
             if baseline_dir:
                 layer["baseline"] = where(baseline_dir)

@@ -26,7 +26,7 @@ USABLE = ("done", "reused", "gate-failed")
 TEACHER_KINDS = ("generalist", "ensemble", "specialists")
 
 
-def _maybe_json(path: Path) -> Any:
+def maybe_json(path: Path) -> Any:
     """The JSON at ``path``, or None when the file is absent or unreadable (a report never dies on one)."""
     try:
         return json.loads(Path(path).read_text())
@@ -62,7 +62,7 @@ class StageView:
 
     def file(self, name: str) -> Any:
         """A JSON file under the stage's folder (``name`` may hold a sub-folder), or None."""
-        return _maybe_json(self.path / name)
+        return maybe_json(self.path / name)
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Experiment:
         views = []
         for entry in pipeline["stages"]:
             path = root / str(entry.get("dir", entry.get("name", "")))
-            views.append(StageView(entry, path, _maybe_json(path / MANIFEST), _maybe_json(path / "metrics.json")))
+            views.append(StageView(entry, path, maybe_json(path / MANIFEST), maybe_json(path / "metrics.json")))
         return cls(root, pipeline, views)
 
     def by_kind(self, *kinds: str, usable: bool = True) -> list[StageView]:
@@ -104,7 +104,7 @@ def total_params(stage: StageView) -> int | None:
     try:
         from specialists.teacher import resolve_generalist  # the spine imports later stages lazily
 
-        gen = _maybe_json(resolve_generalist(stage.path, stage.manifest or {}) / "metrics.json") or {}
+        gen = maybe_json(resolve_generalist(stage.path, stage.manifest or {}) / "metrics.json") or {}
     except ArtifactError:
         return None
     return own + gen["params"] if isinstance(gen.get("params"), int) else None

@@ -7,7 +7,6 @@ describes are absent (or none of them finished), so the report simply leaves it 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from kdens import metrics as M
 from kdens.artifacts import MANIFEST, atomic_write_json, sha256_file
 from kdens.errors import KdensError
-from kdens.report_data import DataCache, Experiment, StageView, count, fmt, num, pct, test_scores, total_params
+from kdens.report_data import DataCache, Experiment, StageView, count, fmt, maybe_json, pct, test_scores, total_params
 from kdens.report_plots import plot_confusion, plot_training_curves
 from kdens.report_render import Code, Gallery, Image, Para, Section, Table
 
@@ -72,15 +71,6 @@ def curves_section(exp: Experiment, figs: Figures) -> Section | None:
 CONFUSION_JSON = "confusion.json"
 
 
-def _read_json(path: Path) -> dict:
-    """A previous report's JSON, or {} when there is none or it is unreadable (then recompute)."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def confusion_section(exp: Experiment, figs: Figures) -> Section | None:
     """Test-set confusion matrices of the teachers, the hard-label baselines and the students.
 
@@ -93,7 +83,8 @@ def confusion_section(exp: Experiment, figs: Figures) -> Section | None:
     stages = exp.by_kind("generalist", "ensemble", "specialists", "baseline", "student")
     if not stages:
         return None
-    previous = _read_json(figs.root / FIG_DIR / CONFUSION_JSON)
+    previous = maybe_json(figs.root / FIG_DIR / CONFUSION_JSON)  # none or unreadable: recompute all
+    previous = previous if isinstance(previous, dict) else {}
     cache, images, notes, record = DataCache(), [], [], {}
     for s in stages:
         sha = sha256_file(s.path / MANIFEST) if (s.path / MANIFEST).is_file() else None
@@ -149,9 +140,7 @@ def ensemble_section(exp: Experiment, figs: Figures) -> Section | None:
 
 def _heatmap(s: StageView, clusters: dict, figs: Figures) -> Image | None:
     """The covariance of the generalist's predictions with the groups outlined (redrawn, else copied)."""
-    from specialists.plot import (
-        save_covariance_heatmap,  # the spine imports later stages lazily
-    )
+    from specialists.plot import save_covariance_heatmap  # the spine imports later stages lazily
 
     if clusters.get("source") == "groups":
         how = "given by --groups"
@@ -264,11 +253,7 @@ def deploy_section(exp: Experiment, figs: Figures) -> Section | None:
     if not rows:
         return None
     table = []
-    def rank(r: dict):  # kdens bench's own order: the quiet level where it timed rounds, else the p50
-        v = r.get("latency_b1_rank_ms", r.get("latency_b1_p50_ms"))
-        return num(v) is None, v or 0
-
-    for r in sorted(rows, key=rank):
+    for r in bench.ranked(rows):  # kdens bench's own order
         gates = r.get("gates_passed")
         table.append(["*" if r.get("pareto") or (r["name"] in front and r.get("device", "host") == "host") else "",
                       r["name"], str(r.get("device", "host")), str(r.get("runtime") or "-"),
@@ -289,7 +274,8 @@ def deploy_section(exp: Experiment, figs: Figures) -> Section | None:
         Table(["front", "variant", "device", "runtime", "size (KB)", "test accuracy", "agreement",
                "b1 quiet p50 (ms)", "b1 p50 (ms)", "b1 p90 (ms)", "vs eager", "gates"], table,
               note=f"From {where}. * = on the accuracy / batch-1 latency Pareto front."),
-        figs.image(out, "Test accuracy against batch-1 p50 latency; the red step line is the Pareto front")])
+        figs.image(out, "Test accuracy against batch-1 latency (the quiet p50 where kdens bench timed rounds); "
+                        "the red step line is the Pareto front")])
 
 
 def problems(exp: Experiment) -> list:

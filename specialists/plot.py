@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 
-from kdens.artifacts import FILE_MODE
+from kdens.artifacts import atomic_write_bytes
 from kdens.errors import ConfigError
 
 
@@ -28,8 +28,8 @@ def save_covariance_heatmap(
 ) -> Path:
     """Draw ``cov`` with classes reordered so each group is a block, and outline the blocks.
 
-    The file is written atomically: rendered to a temporary file in the same folder,
-    then moved over ``path`` with ``os.replace``, so a reader never sees half a PNG.
+    The file is written atomically (``kdens.artifacts.atomic_write_bytes``), so a reader
+    never sees half a PNG.
 
     Args:
         cov: covariance matrix, shape (C, C).
@@ -77,15 +77,6 @@ def save_covariance_heatmap(
     fig.tight_layout()
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png")
+    return atomic_write_bytes(path, buf.getvalue())
