@@ -186,20 +186,13 @@ def interleaved(variants: dict[str, tuple], rounds: int, min_seconds: float) -> 
 
     ``variants``: name -> (run_fn, prepared batch). Runs pinned to one CPU. Also returns the
     10th percentile over rounds of the per-round p50 (``quiet``): on this shared machine the
-    per-round p50s are bimodal (a quiet level and one ~1.6x higher when a neighbour job thrashes
-    the cache), and the median lands on whichever level half the rounds happened to hit.
+    per-round p50s are bimodal (a quiet level and one ~1.6x higher), and the median lands on
+    whichever level half the rounds happened to hit.
     """
-    names = list(variants)
-    p50s: dict[str, list[float]] = {n: [] for n in names}
-    p90s: dict[str, list[float]] = {n: [] for n in names}
     with latency.pinned(1) as cpus, latency.OtherLoad() as other:
-        for r in range(rounds):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                fn, xb = variants[n]
-                m = latency.measure(fn, xb, warmup=20, min_runs=100, min_seconds=min_seconds)
-                p50s[n].append(m["p50"])
-                p90s[n].append(m["p90"])
+        timed = latency.interleaved_rounds(variants, rounds, warmup=20, min_runs=100, min_seconds=min_seconds)
+    p50s = {n: [m["p50"] for m in ms] for n, ms in timed.items()}
+    p90s = {n: [m["p90"] for m in ms] for n, ms in timed.items()}
     return {"pinned_cpus": cpus, "rounds": rounds, "min_seconds_per_measurement": min_seconds,
             "other_load_cpus": other.cpus,
             "median_p50_ms": {n: statistics.median(v) for n, v in p50s.items()},
@@ -278,9 +271,6 @@ def hand_vs_kdens(run: Path, deploy_dir: Path, first_artifact: str | None, round
 AA_ORT, AA_TFL = "hand-ort-int8 (A/A)", "hand-litert-int8 (A/A)"
 
 
-median_ci = latency.median_ci
-
-
 def paired_verdict(choice, ort, tfl, ort_aa, tfl_aa) -> dict:
     """kdens' choice against the best hand-made file, round by round, beside the A/A control.
 
@@ -289,14 +279,13 @@ def paired_verdict(choice, ort, tfl, ort_aa, tfl_aa) -> dict:
     thing land. "slower" needs the choice's interval above 1 *and* above the A/A interval;
     "faster" needs it below 1; anything else is a tie at this measurement's resolution.
     """
-    ratios = [c / min(a, b) for c, a, b in zip(choice, ort, tfl)]
-    aa = [min(c, d) / min(a, b) for a, b, c, d in zip(ort, tfl, ort_aa, tfl_aa)]
-    lo, hi = median_ci(ratios)
-    aa_lo, aa_hi = median_ci(aa)
+    hand = np.minimum(ort, tfl)
+    c = latency.paired_ratio(choice, hand)
+    aa = latency.paired_ratio(np.minimum(ort_aa, tfl_aa), hand)
+    (lo, hi), aa_hi = c["ci95"], aa["ci95"][1]
     verdict = "faster" if hi < 1 else "slower" if lo > 1 and lo > aa_hi else "tie"
-    return {"ratio_median": statistics.median(ratios), "ratio_ci95": [lo, hi],
-            "rounds_slower": int(sum(r > 1 for r in ratios)), "aa_ratio_median": statistics.median(aa),
-            "aa_ci95": [aa_lo, aa_hi], "aa_rounds_slower": int(sum(r > 1 for r in aa)),
+    return {"ratio_median": c["median"], "ratio_ci95": c["ci95"], "rounds_slower": c["rounds_slower"],
+            "aa_ratio_median": aa["median"], "aa_ci95": aa["ci95"], "aa_rounds_slower": aa["rounds_slower"],
             "verdict": verdict, "never_slower": verdict != "slower"}
 
 
@@ -310,7 +299,8 @@ def _summary(lat: dict[str, float], choice: str | None) -> dict:
 
     hand = best(("hand-ort-int8", "hand-litert-int8"))
     kdens_int8 = best(("kdens onnx-int8", "kdens tflite-int8", "kdens tflite-int8-int8io"))
-    out = {"fastest_overall": best([n for n in lat if n not in (AA_ORT, AA_TFL)]), "best_hand": hand, "best_kdens_int8": kdens_int8,
+    out = {"fastest_overall": best([n for n in lat if n not in (AA_ORT, AA_TFL)]), "best_hand": hand,
+           "best_kdens_int8": kdens_int8,
            "best_kdens_int8_vs_best_hand": cmp(kdens_int8, hand),
            "like_for_like": {  # the same calling interface on both sides
                "float_io": cmp(best(("kdens onnx-int8", "kdens tflite-int8")),

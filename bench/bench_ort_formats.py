@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_deploy as B  # noqa: E402  (interleaved timing and the bootstrap interval)
+import bench_deploy as B  # noqa: E402  (interleaved timing and the hand-made recipe's calibration reader)
 
+from deploy import latency  # noqa: E402
 from deploy.edge_runner import OnnxModel  # noqa: E402
 from kdens.artifacts import atomic_write_json, read_manifest  # noqa: E402
 from kdens.evaluate import dataset_for_run  # noqa: E402
@@ -72,16 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         variants[name] = (m.run_fn(1), xb)
         print(f"{name:28s} test accuracy {accuracy[name]:.4f}", flush=True)
     timing = B.interleaved(variants, a.rounds, a.min_seconds)
-    ref = np.asarray(timing["per_round_p50_ms"][REFERENCE])
+    ref = timing["per_round_p50_ms"][REFERENCE]
     rows_out = {}
     for name in variants:
-        r = np.asarray(timing["per_round_p50_ms"][name]) / ref
-        lo, hi = B.median_ci(r)
+        r = latency.paired_ratio(timing["per_round_p50_ms"][name], ref)
         rows_out[name] = {"accuracy": accuracy[name], "median_p50_ms": timing["median_p50_ms"][name],
-                          "ratio_vs_s8s8": float(np.median(r)), "ratio_ci95": [lo, hi],
-                          "rounds_slower": int((r > 1).sum())}
-        print(f"{name:28s} p50 {timing['median_p50_ms'][name]:.4f} ms  vs s8s8 {np.median(r):.3f} "
-              f"(95% CI {lo:.3f}-{hi:.3f}), slower in {int((r > 1).sum())}/{a.rounds} rounds")
+                          "ratio_vs_s8s8": r["median"], "ratio_ci95": r["ci95"], "rounds_slower": r["rounds_slower"]}
+        print(f"{name:28s} p50 {timing['median_p50_ms'][name]:.4f} ms  vs s8s8 {r['median']:.3f} "
+              f"(95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}), slower in {r['rounds_slower']}/{a.rounds} rounds")
     if a.out:
         atomic_write_json(a.out, {"deploy": str(a.deploy), "rounds": a.rounds, "results": rows_out,
                                   "pinned_cpus": timing["pinned_cpus"]})

@@ -75,16 +75,13 @@ def _timed_rounds(models, stats, threads, batch_sizes, opts, rounds: int) -> Non
     for t in threads:
         with latency.pinned(t):
             runners = {n: edge_runner.load(path, num_threads=t) for n, (path, _) in models.items()}
-            jobs = [(n, bs) for n in models for bs in batch_sizes
-                    if not runners[n].signatures or bs in runners[n].signatures]
-            for r in range(rounds):
-                k = r % len(jobs) if jobs else 0
-                for n, bs in jobs[k:] + jobs[:k]:
-                    m = runners[n]
-                    xb = m.prepare(latency.batch_of(models[n][1], bs), bs)
-                    stats[n].setdefault(latency.latency_key(bs, t), []).append(latency.measure(
-                        m.run_fn(bs), xb, warmup=opts.latency_warmup, min_runs=max(1, opts.latency_min_runs // rounds),
-                        min_seconds=opts.latency_min_seconds / rounds))
+            jobs = {(n, bs): (m.run_fn(bs), m.prepare(latency.batch_of(models[n][1], bs), bs))
+                    for n, m in runners.items() for bs in batch_sizes if not m.signatures or bs in m.signatures}
+            timed = latency.interleaved_rounds(jobs, rounds, warmup=opts.latency_warmup,
+                                               min_runs=max(1, opts.latency_min_runs // rounds),
+                                               min_seconds=opts.latency_min_seconds / rounds)
+            for (n, bs), ms in timed.items():
+                stats[n][latency.latency_key(bs, t)] = ms
 
 
 def baseline(deploy_dir: Path, reports: dict[str, dict], opts) -> dict | None:

@@ -46,6 +46,23 @@ def measure(run_fn: Callable[[np.ndarray], Any], x_batch: np.ndarray, warmup: in
     return percentiles(run_fn, x_batch, warmup, min_runs, min_seconds, max_runs=max_runs)
 
 
+def interleaved_rounds(jobs: dict, rounds: int, warmup: int, min_runs: int, min_seconds: float) -> dict:
+    """Time every job once per round, for ``rounds`` rounds, the order rotated one step each round.
+
+    ``jobs``: key -> (run_fn, prepared batch). Returns key -> one :func:`measure` dict per
+    round. Interleaving makes load drift on a shared machine hit every job alike, where
+    timing them one after another lets the drift decide a close ranking. The caller pins.
+    """
+    keys = list(jobs)
+    out: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        k0 = r % len(keys) if keys else 0
+        for key in keys[k0:] + keys[:k0]:
+            fn, xb = jobs[key]
+            out[key].append(measure(fn, xb, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds))
+    return out
+
+
 def other_load_is_high(cpus: float, ncpu: int | None = None) -> bool:
     """Whether other processes were busy enough while timing to doubt a close ranking.
 
