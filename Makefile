@@ -7,6 +7,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.kdens-installed
 TORCH   = torch==2.13.0
+# The tflite-runtime 2.14 cross-check of `kdens deploy --target tflite` (numpy<2, so its own
+# venv). kdens looks for it here by default and never installs it while a command runs.
+TFLITE_RT_VENV ?= $(HOME)/.cache/kdens/venv-tflite-runtime
 
 .PHONY: setup demo test test-all bench clean
 
@@ -17,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[all]" $(TORCH)
+	@# tflite-runtime has wheels for CPython 3.8-3.11 on Linux x86_64/aarch64 only: elsewhere
+	@# the cross-check reports "not checked" and names this step.
+	[ -x $(TFLITE_RT_VENV)/bin/python ] && $(TFLITE_RT_VENV)/bin/python -c "import tflite_runtime" 2>/dev/null || \
+	  ( $(PYTHON) -m venv $(TFLITE_RT_VENV) && \
+	    $(TFLITE_RT_VENV)/bin/python -m pip install --quiet tflite-runtime==2.14.0 "numpy<2" ) || \
+	  echo "note: no tflite-runtime 2.14 for this platform; the tflite cross-check will say 'not checked'"
 	touch $(STAMP)
 
 # The main job on the embedded digits data: every stage from examples/digits.toml, then the report.
@@ -34,4 +43,4 @@ bench: setup
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .venv-tflite runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache

@@ -6,7 +6,7 @@ the small CNN):
 1. Every model x {onnx, tflite} x {float, int8} is deployed with ``kdens deploy`` in a
    subprocess (``OMP_NUM_THREADS=1``, ``--threads 1``); from each report.json: int8 test
    accuracy within 0.5 points of float, int8 file <= 0.3x the float file.
-2. For the int8 student, hand-made exports built the way /work/shared/TOOLCHAIN.md tells a
+2. For the int8 student, hand-made exports built the way docs/toolchain.md tells a
    practitioner to (``torch.onnx.export`` + ``quantize_static`` QDQ per-channel; PT2E int8
    + ``litert_torch.convert`` for a fixed batch-1 shape) are timed against kdens' int8
    files in ONE process, pinned to one CPU, one thread each, same input, interleaved:
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from deploy import bench, common, latency
+from deploy.tflite_check import DEFAULT_VENV
 from deploy.edge_runner import OnnxModel, TFLiteModel, dequantize
 from kdens.artifacts import atomic_write_json, atomic_write_text, read_manifest
 
@@ -86,7 +87,7 @@ def deploy_all(models: dict[str, Path], out_root: Path, venv: str, reuse: bool) 
             folder = out / name
             cmd = [sys.executable, "-m", "kdens", "deploy", "--model", str(run), "--target", target,
                    "--quantize", q, *(["--io", io] if io != "float" else []), "--batch-sizes", "1,32",
-                   "--threads", "1", "--tflite-runtime-venv", venv, "--out", str(out)]
+                   "--threads", "1", "--tflite-runtime-venv", venv, "--out", str(out), "--force"]
             if reuse and (folder / "manifest.json").exists():
                 r = {"command": _shell(cmd, {"OMP_NUM_THREADS": "1"}), "returncode": None, "reused": True}
             else:
@@ -145,7 +146,7 @@ class _Calib:
 
 
 def hand_onnx_int8(model, x_calib: np.ndarray, path: Path, tmp: Path) -> None:
-    """TOOLCHAIN.md's ONNX recipe: dynamo export, quant_pre_process, static QDQ per-channel int8."""
+    """docs/toolchain.md's ONNX recipe: dynamo export, quant_pre_process, static QDQ per-channel int8."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -159,7 +160,7 @@ def hand_onnx_int8(model, x_calib: np.ndarray, path: Path, tmp: Path) -> None:
 
 
 def hand_litert_int8(model, x_calib: np.ndarray, path: Path) -> None:
-    """TOOLCHAIN.md's TFLite recipe: PT2E static int8 at a fixed batch-1 shape, litert_torch.convert."""
+    """docs/toolchain.md's TFLite recipe: PT2E static int8 at a fixed batch-1 shape, litert_torch.convert."""
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     import litert_torch
     from litert_torch.quantize.pt2e_quantizer import (
@@ -205,11 +206,11 @@ def interleaved(variants: dict[str, tuple], rounds: int, min_seconds: float) -> 
 def hand_vs_kdens(run: Path, deploy_dir: Path, first_artifact: str | None, rounds: int,
                   min_seconds: float) -> dict:
     """Build the hand-made int8 exports of ``run`` and time them against kdens' files, interleaved."""
-    from kdens.evaluate import dataset_for_run
+    from kdens.runs import run_data
     from kdens.models import load_model
 
     torch.set_num_threads(1)
-    data = dataset_for_run(read_manifest(run))
+    data = run_data(read_manifest(run))
     model, _ = load_model(run)
     model.eval()
     arrays = common.DeployData(data.x_train, data.x_test, data.y_test)
@@ -256,7 +257,7 @@ def hand_vs_kdens(run: Path, deploy_dir: Path, first_artifact: str | None, round
     per_round = {}
     if choice:
         pr = timing["per_round_p50_ms"]
-        per_round = paired_verdict(pr[choice], pr["hand-ort-int8"], pr["hand-litert-int8"], pr[AA_ORT], pr[AA_TFL])
+        per_round = latency.paired_verdict(pr[choice], pr["hand-ort-int8"], pr["hand-litert-int8"], pr[AA_ORT], pr[AA_TFL])
     return {
         "model_run": str(run), "hand_files": {"hand-ort-int8": str(hand_onnx), "hand-litert-int8": str(hand_tfl)},
         "hand_sizes_bytes": {"hand-ort-int8": hand_onnx.stat().st_size, "hand-litert-int8": hand_tfl.stat().st_size},
@@ -269,24 +270,6 @@ def hand_vs_kdens(run: Path, deploy_dir: Path, first_artifact: str | None, round
 
 
 AA_ORT, AA_TFL = "hand-ort-int8 (A/A)", "hand-litert-int8 (A/A)"
-
-
-def paired_verdict(choice, ort, tfl, ort_aa, tfl_aa) -> dict:
-    """kdens' choice against the best hand-made file, round by round, beside the A/A control.
-
-    Per round: choice / min(hand ORT, hand LiteRT), and the A/A ratio min(second sessions) /
-    min(first sessions) — identical work, so it shows how far apart two timings of the same
-    thing land. "slower" needs the choice's interval above 1 *and* above the A/A interval;
-    "faster" needs it below 1; anything else is a tie at this measurement's resolution.
-    """
-    hand = np.minimum(ort, tfl)
-    c = latency.paired_ratio(choice, hand)
-    aa = latency.paired_ratio(np.minimum(ort_aa, tfl_aa), hand)
-    (lo, hi), aa_hi = c["ci95"], aa["ci95"][1]
-    verdict = "faster" if hi < 1 else "slower" if lo > 1 and lo > aa_hi else "tie"
-    return {"ratio_median": c["median"], "ratio_ci95": c["ci95"], "rounds_slower": c["rounds_slower"],
-            "aa_ratio_median": aa["median"], "aa_ci95": aa["ci95"], "aa_rounds_slower": aa["rounds_slower"],
-            "verdict": verdict, "never_slower": verdict != "slower"}
 
 
 def _summary(lat: dict[str, float], choice: str | None) -> dict:
@@ -419,7 +402,7 @@ def render(res: dict) -> str:
     L += ["```", ""]
     for key, h in res["hand_vs_kdens"].items():
         L += _render_hand(key, h, res["kdens_accuracy"][key])
-    L += [("Hand-made exports follow /work/shared/TOOLCHAIN.md: `torch.onnx.export(dynamo=True)` + `quant_pre_process` "
+    L += [("Hand-made exports follow docs/toolchain.md: `torch.onnx.export(dynamo=True)` + `quant_pre_process` "
           "+ `quantize_static(QDQ, per_channel=True, QInt8/QInt8)` (no reduce_range); PT2E symmetric per-channel "
           "static int8 at a fixed (1,1,28,28) shape + `litert_torch.convert` (int8 in/out; its input is quantized "
           "before timing, so its row is the runtime call alone; `+numpy-io` adds the numpy quantize/dequantize a "
@@ -451,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp", type=Path, default=Path("runs/fm/student800-800-hard-s0"))
     p.add_argument("--cnn", type=Path, default=Path("runs/fm/cnn"))
     p.add_argument("--out-root", type=Path, default=Path("runs/fm"), help="deploys go to OUT_ROOT/deploy-<model>")
-    p.add_argument("--tflite-runtime-venv", default="/work/main/.venv-tflite")
+    p.add_argument("--tflite-runtime-venv", default=str(DEFAULT_VENV), help="the cross-check venv `make setup` makes")
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--min-seconds", type=float, default=0.05, help="timed seconds per measurement")
     p.add_argument("--reuse", action="store_true", help="skip deploys whose folder has a manifest.json")

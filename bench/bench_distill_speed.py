@@ -46,7 +46,7 @@ from kdens.train import TrainConfig, fit, resolve_device
 def _teacher(path: Path, data_spec: str, workdir: Path, device):
     if (path / "manifest.json").exists():
         return load_teacher(path, device), str(path)
-    from kdens import generalist
+    from generalist import stage as generalist
 
     cfg = build(GeneralistConfig, {"model": "mlp", "data": data_spec, "model_args": {"hidden": [1200, 1200]},
                                    "epochs": 1, "patience": None})

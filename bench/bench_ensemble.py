@@ -67,11 +67,11 @@ def train(args: argparse.Namespace, log: Path) -> float:
 def other_combination(out: Path, method: str, temperature: float) -> dict:
     """The same members combined with the other method (computed here, not by the run)."""
     from ensembles.stage import ensemble_report, member_logits
-    from kdens.evaluate import dataset_for_run
+    from kdens.runs import run_data
     from kdens.models import load_model
 
     man = json.loads((out / "manifest.json").read_text())
-    data = dataset_for_run(man)
+    data = run_data(man)
     models = [load_model(out / name)[0] for name in man["members"]]
     return ensemble_report(member_logits(models, data.x_test), data.y_test, None, None, method, temperature)
 

@@ -7,7 +7,7 @@ choices costs or buys latency: it quantizes one float ONNX file five ways (s8s8 
 activations, each with and without reduce_range, and the QOperator format), checks each
 one's test accuracy, and times them interleaved in one process, pinned to one CPU, one
 thread, like bench/bench_deploy.py. Ratios are per round against plain s8s8 (what
-TOOLCHAIN.md's hand recipe makes), with a 95% bootstrap interval.
+docs/toolchain.md's hand recipe makes), with a 95% bootstrap interval.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ort_formats.py --deploy runs/fm/deploy-cnn
 """
@@ -28,7 +28,7 @@ import bench_deploy as B  # noqa: E402  (interleaved timing and the hand-made re
 from deploy import latency  # noqa: E402
 from deploy.edge_runner import OnnxModel  # noqa: E402
 from kdens.artifacts import atomic_write_json, read_manifest  # noqa: E402
-from kdens.evaluate import dataset_for_run  # noqa: E402
+from kdens.runs import run_data  # noqa: E402
 
 REFERENCE = "s8s8"
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     float_dir = a.deploy / "onnx-float"
     report = json.loads((float_dir / "report.json").read_text())
-    data = dataset_for_run(read_manifest(Path(report["model_run"])))
+    data = run_data(read_manifest(Path(report["model_run"])))
     rows = np.random.default_rng(0).choice(len(data.x_train), min(a.calib, len(data.x_train)), replace=False)
     calib = data.x_train[rows]
     work = Path(tempfile.mkdtemp(prefix="kdens-ort-formats-"))

@@ -4,7 +4,7 @@ Both sides get the same teacher (a kdens run folder), student (kdens registry, s
 seed), data and validation split, epochs, batch size, optimizer (SGD, Nesterov momentum
 0.9, weight decay on weights only, kdens' defaults), per-step cosine LR to zero, gradient
 clipping, T and alpha, and pick the weights of the epoch with the lowest validation
-cross-entropy (kdens' rule). Test metrics of both come from ``kdens.generalist.evaluate_model``.
+cross-entropy (kdens' rule). Test metrics of both come from ``kdens.evaluate.evaluate_model``.
 
 * kdens: ``distill.stage.run`` (what ``kdens distill`` calls) in a fresh folder, so the
   soft-target cache is built inside the timed run: one teacher pass, then cached scores
@@ -65,7 +65,7 @@ from distill.transfer import stratified_fraction
 from kdens import metrics as M
 from kdens.artifacts import atomic_write_json, atomic_write_text, read_json, read_manifest
 from kdens.data import load_dataset
-from kdens.generalist import evaluate_model
+from kdens.evaluate import evaluate_model
 from kdens.models import build_model, load_model
 from kdens.train import TrainConfig, default_sampler, lr_at, predict_logits
 
@@ -269,7 +269,7 @@ def run_torchdistill(teacher_dir: Path, data_kw: dict, model_args: dict, tc: Tra
 
 def smoke_teacher(workdir: Path) -> Path:
     """A small digits teacher (mlp 64, 20 epochs, ~2 s) so the smoke run needs no finished run folder."""
-    from kdens import generalist
+    from generalist import stage as generalist
     from kdens.config import GeneralistConfig, build
 
     cfg = build(GeneralistConfig, {"model": "mlp", "data": "digits", "model_args": {"hidden": [64]},

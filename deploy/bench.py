@@ -16,7 +16,7 @@ from typing import Any
 
 from deploy import latency
 from deploy.report import b1_latency
-from kdens.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from kdens.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 BASELINE_DIR = "pytorch-float"
 
@@ -28,7 +28,7 @@ def _largest_batch(lat: dict) -> str | None:
     return None if big is None or big.startswith("b1_") else big
 
 
-def _row(name: str, report: dict, device: str = "host") -> dict:
+def row(name: str, report: dict, device: str = "host") -> dict:
     """Flatten one report into a table row."""
     found = b1_latency(report)
     lat = report.get("latency_ms") or {}
@@ -56,7 +56,7 @@ def collect(deploy_dir: Path) -> list[dict]:
     """One row per ``<deploy_dir>/*/report.json`` (sorted by folder name)."""
     rows = []
     for path in sorted(Path(deploy_dir).glob("*/report.json")):
-        rows.append(_row(path.parent.name, json.loads(path.read_text())))
+        rows.append(row(path.parent.name, read_json(path)))
     return rows
 
 
@@ -205,11 +205,12 @@ def plot(rows: list[dict], front: list[str], path: Path) -> Path:
 
 
 def write_bench(deploy_dir: Path, rows: list[dict], out: Path | None = None,
-                other_load_cpus: float | None = None) -> dict[str, Path]:
+                other_load_cpus: float | None = None, skipped: dict[str, str] | None = None) -> dict[str, Path]:
     """Write bench.json, bench.md and bench.png into ``out`` (default ``deploy_dir``).
 
     ``other_load_cpus``: CPUs other processes kept busy while the rows were timed (None when
     this call timed nothing or cannot tell); recorded, and a warning when it is high.
+    ``skipped``: export folders left out and why (named in bench.json and bench.md).
     """
     out = Path(out or deploy_dir)
     rows = [dict(r) for r in rows]
@@ -219,8 +220,10 @@ def write_bench(deploy_dir: Path, rows: list[dict], out: Path | None = None,
     for r in rows:
         r["pareto"] = r["name"] in front and r["device"] == "host"
     paths = {"json": atomic_write_json(out / "bench.json", {"deploy_dir": str(deploy_dir), "pareto_front": front,
-                                                             "other_load_cpus": other_load_cpus, "rows": rows}),
-             "md": atomic_write_text(out / "bench.md", render_table(rows, front, other_load_cpus)),
+                                                             "other_load_cpus": other_load_cpus, "rows": rows,
+                                                             "skipped": skipped or {}}),
+             "md": atomic_write_text(out / "bench.md", render_table(rows, front, other_load_cpus)
+                                     + "".join(f"\nLeft out: {k} ({v})\n" for k, v in (skipped or {}).items())),
              "png": plot(rows, front, out / "bench.png")}
     return paths
 
@@ -231,7 +234,7 @@ def merge_import(rows: list[dict], result_json: Path | dict) -> list[dict]:
     Accuracy is taken from the host row of the same file (the device ran only the
     bundle's sample inputs); ``agreement`` is the device's agreement with PyTorch there.
     """
-    res = result_json if isinstance(result_json, dict) else json.loads(Path(result_json).read_text())
+    res = result_json if isinstance(result_json, dict) else read_json(Path(result_json))
     env = res.get("environment", {})
     device = env.get("host") or env.get("machine") or "device"
     host = {r["name"]: r for r in rows if r["device"] == "host"}
@@ -267,7 +270,7 @@ def baseline_report(model, data, opts) -> dict:
 
     ref = common.torch_logits(model, data.x_test)
     acc = common.compare(ref, ref, data.y_test)["accuracy"]
-    lat, env = latency.torch_latency(model, data.x_test, opts.batch_sizes, opts.threads,
+    lat, env = latency.torch_latency(model, data.x_test, opts.batch_sizes, opts.thread_counts(),
                                      warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
                                      min_seconds=opts.latency_min_seconds)
     params = common.num_params(model)

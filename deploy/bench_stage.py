@@ -3,29 +3,83 @@
 Latencies recorded at deploy time come from different moments (and machine loads);
 comparing targets fairly means timing them in one process, one after another, with the
 same threads and batch sizes. This module does that, adds a PyTorch eager row, merges
-device results (``--import``), and writes bench.json / bench.md / bench.png.
+device results (``--import``), and writes bench.json / bench.md / bench.png and, last, a
+``manifest.json`` (stage ``bench``) into the deploy folder.
+
+Only finished exports are benched: sub-folders whose manifest (stage ``deploy``) verifies.
+A folder without one (an export that did not finish) or whose model run has changed since
+(stale) is left out and named in bench.json's ``skipped``.
 """
 
 from __future__ import annotations
 
-import json
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from deploy import bench, common, edge_runner
-from kdens.artifacts import atomic_write_json
-from kdens.errors import ArtifactError
+from kdens.artifacts import MANIFEST, atomic_write_json, read_json, read_manifest, sha256_file, write_manifest
+from kdens.errors import ArtifactError, ConfigError
 
 BASELINE = "pytorch-float"
 
 
-def _reports(deploy_dir: Path) -> dict[str, dict]:
-    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(deploy_dir).glob("*/report.json"))}
-    found.pop(BASELINE, None)
-    if not found:
-        raise ArtifactError(f"no deployed models (*/report.json) under {deploy_dir}; run `kdens deploy` first")
-    return found
+@dataclass
+class BenchConfig:
+    """``kdens bench`` (or a pipeline's ``[bench]`` table)."""
+
+    threads: list[int] | str = "1"
+    """--threads: thread counts to measure, comma-separated."""
+    batch_sizes: list[int] | str = "1,32"
+    """--batch-sizes: batch sizes to measure, comma-separated."""
+    imports: tuple[str, ...] = ()
+    """--import: device result JSON files (edge_runner.py) merged into the table."""
+    bundle: str | None = None
+    """--bundle: also write a self-contained .tar.gz for a Pi/phone-class device."""
+    measure: bool = True
+    """False (--no-measure): use the latencies recorded at deploy time."""
+
+    def __post_init__(self) -> None:
+        for key in ("threads", "batch_sizes"):  # TOML users write 1 or [1, 32]
+            value = getattr(self, key)
+            setattr(self, key, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+        self.imports = tuple(str(p) for p in self.imports)
+        self.options()  # refuse bad thread counts or batch sizes before any work
+
+    def options(self) -> common.DeployOptions:
+        try:
+            return common.DeployOptions(threads=self.threads, batch_sizes=self.batch_sizes)
+        except ConfigError as e:
+            raise ConfigError(f"bench: {e}") from None
+
+
+def finished_exports(deploy_dir: Path) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
+    """(reports, manifests, skipped) of the finished, current exports under ``deploy_dir``.
+
+    ``skipped`` maps a left-out sub-folder to why: no manifest (unfinished), or its model
+    run's files differ from the hashes the export recorded (stale).
+    """
+    reports, manifests, skipped = {}, {}, {}
+    for folder in sorted(p for p in Path(deploy_dir).iterdir() if p.is_dir() and p.name != BASELINE):
+        if not (folder / "report.json").exists() and not (folder / MANIFEST).exists():
+            continue  # not an export at all
+        if not (folder / MANIFEST).exists():
+            skipped[folder.name] = "unfinished: no manifest.json (the deploy did not finish)"
+            continue
+        manifest = read_manifest(folder, "deploy")
+        changed = [path for path, digest in manifest.get("inputs", {}).items()
+                   if Path(path).exists() and sha256_file(Path(path)) != digest]
+        if changed:
+            skipped[folder.name] = f"stale: {changed[0]} changed since this export; deploy again"
+            continue
+        reports[folder.name], manifests[folder.name] = read_json(folder / "report.json"), manifest
+    if not reports:
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise ArtifactError(f"no finished deploys under {deploy_dir}" + (f" ({why})" if why else "")
+                            + "; run `kdens deploy --out " + str(deploy_dir) + " ...` first")
+    return reports, manifests, skipped
 
 
 def remeasure_all(deploy_dir: Path, reports: dict[str, dict], threads, batch_sizes, opts,
@@ -86,15 +140,14 @@ def _timed_rounds(models, stats, threads, batch_sizes, opts, rounds: int) -> Non
 
 def baseline(deploy_dir: Path, reports: dict[str, dict], opts) -> dict | None:
     """PyTorch eager report of the model the artifacts came from (if they share one)."""
-    from kdens.artifacts import read_manifest
-    from kdens.evaluate import dataset_for_run
     from kdens.models import load_model
+    from kdens.runs import run_data
 
     runs = {r.get("model_run") for r in reports.values() if r.get("model_run")}
     if len(runs) != 1:
         return None  # artifacts of several models: no single eager baseline
     run = Path(runs.pop())
-    data = dataset_for_run(read_manifest(run))
+    data = run_data(read_manifest(run))
     model, _ = load_model(run)
     report = bench.baseline_report(model, common.DeployData(data.x_train, data.x_test, data.y_test), opts)
     report["model_run"] = str(run)
@@ -102,25 +155,36 @@ def baseline(deploy_dir: Path, reports: dict[str, dict], opts) -> dict | None:
     return report
 
 
-def run(deploy_dir: Path, threads, batch_sizes, *, imports: tuple[Path, ...] = (), bundle: Path | None = None,
-        measure: bool = True) -> dict[str, Path]:
-    """Build the bench table for ``deploy_dir``; returns the written paths."""
-    deploy_dir = Path(deploy_dir)
-    opts = common.DeployOptions(threads=threads, batch_sizes=batch_sizes)
-    reports, other_load = _reports(deploy_dir), None
-    if measure:
-        reports, other_load = remeasure_all(deploy_dir, reports, opts.threads, opts.batch_sizes, opts)
+def run(cfg: BenchConfig, run_dir: Path, *, resume: bool = False, force: bool = False,
+        progress: bool = True) -> Path:
+    """Build the bench table for the deploy folder ``run_dir``; returns it.
+
+    A bench is a measurement: every call measures again (``resume`` and ``force`` change
+    nothing), and the manifest is written last, so an interrupted bench leaves none.
+    """
+    t0 = time.time()
+    deploy_dir = Path(run_dir)
+    opts = cfg.options()
+    (deploy_dir / MANIFEST).unlink(missing_ok=True)
+    reports, manifests, skipped = finished_exports(deploy_dir)
+    other_load = None
+    if cfg.measure:
+        reports, other_load = remeasure_all(deploy_dir, reports, opts.thread_counts(), opts.batch_sizes, opts)
         base = baseline(deploy_dir, reports, opts)
         if base is not None:
             reports[BASELINE] = base
     elif (deploy_dir / BASELINE / "report.json").exists():
-        reports[BASELINE] = json.loads((deploy_dir / BASELINE / "report.json").read_text())
-    rows = [bench._row(n, r) for n, r in sorted(reports.items())]
-    for imp in imports:
-        rows = bench.merge_import(rows, imp)
-    paths = bench.write_bench(deploy_dir, rows, other_load_cpus=other_load)
-    if bundle is not None:
+        reports[BASELINE] = read_json(deploy_dir / BASELINE / "report.json")
+    rows = [bench.row(n, r) for n, r in sorted(reports.items())]
+    for imp in cfg.imports:
+        rows = bench.merge_import(rows, Path(imp))
+    bench.write_bench(deploy_dir, rows, other_load_cpus=other_load, skipped=skipped)
+    if cfg.bundle is not None:
         from deploy.bundle import make_bundle
 
-        paths["bundle"] = make_bundle(deploy_dir, bundle)
-    return paths
+        make_bundle(deploy_dir, Path(cfg.bundle))
+    write_manifest(deploy_dir, stage="bench", config=asdict(cfg),
+                   inputs={str(deploy_dir / n / MANIFEST): sha256_file(deploy_dir / n / MANIFEST) for n in manifests},
+                   wall_seconds=round(time.time() - t0, 3),
+                   metrics={"rows": len(rows), "skipped": len(skipped), "other_load_cpus": other_load})
+    return deploy_dir

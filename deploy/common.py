@@ -32,14 +32,6 @@ SAMPLE_RUNTIME = "sample_runtime_logits.npy"
 N_SAMPLES = 64
 
 
-def tflite_runtime_venv(value: str | None = None) -> str | None:
-    """Where the tflite-runtime cross-check venv lives: ``value``, else $KDENS_TFLITE_RUNTIME_VENV,
-    else ~/.cache/kdens/venv-tflite-runtime; ``'none'`` turns the check off (None)."""
-    venv = value or os.environ.get("KDENS_TFLITE_RUNTIME_VENV") or str(
-        Path.home() / ".cache" / "kdens" / "venv-tflite-runtime")
-    return None if str(venv).lower() == "none" else str(Path(venv).expanduser().absolute())
-
-
 def all_cores() -> int:
     """CPUs this process may run on (affinity mask), falling back to ``os.cpu_count()``."""
     try:
@@ -79,8 +71,9 @@ class DeployOptions:
     """--quantize: none (float32), int8 (static, calibrated) or dynamic (ONNX, no convs)."""
     batch_sizes: tuple[int, ...] = (1, 32)
     """--batch-sizes: batch sizes measured (TFLite: one signature per size)."""
-    threads: tuple[int, ...] = field(default_factory=lambda: tuple(sorted({1, all_cores()})))
-    """--threads: runtime thread counts measured (default 1 and all cores)."""
+    threads: tuple[int, ...] | None = None
+    """--threads: runtime thread counts measured; None: 1 and all cores, resolved where it runs
+    (so that the setting, and a pipeline's key, do not depend on the machine)."""
     calib_size: int = 512
     """--calib-size: calibration examples, a seeded sample of x_calib."""
     io: str = "float"
@@ -97,8 +90,9 @@ class DeployOptions:
     """Timed runs at least (per batch size and thread count)."""
     latency_min_seconds: float = 0.5
     """Timed seconds at least (per batch size and thread count)."""
-    tflite_runtime_venv: str | None = ".venv-tflite"
-    """Venv for the tflite-runtime 2.14 cross-check (created on demand); None skips it."""
+    tflite_runtime_venv: str | None = None
+    """--tflite-runtime-venv: the tflite-runtime 2.14 cross-check venv (``make setup`` makes it);
+    None: the default place, checked when present; "none": skip the check."""
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:
@@ -109,7 +103,8 @@ class DeployOptions:
             raise ConfigError(f"--io int8 needs --quantize int8 (got --quantize {self.quantize}): "
                               "a float or dynamic-range model has float inputs and outputs")
         self.batch_sizes = _positive_ints(self.batch_sizes, "--batch-sizes", "1,32")
-        self.threads = _positive_ints(self.threads, "--threads", "1,2")
+        if self.threads is not None:
+            self.threads = _positive_ints(self.threads, "--threads", "1,2")
         if int(self.calib_size) < 1:
             raise ConfigError(f"--calib-size {self.calib_size} must be >= 1, e.g. 512")
         self.calib_size = int(self.calib_size)
@@ -118,9 +113,16 @@ class DeployOptions:
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
             raise ConfigError(f"--max-accuracy-drop {self.max_accuracy_drop} must be in [0, 100] "
                               "percentage points, e.g. 1.0")
+        if self.tflite_runtime_venv is not None:
+            self.tflite_runtime_venv = str(self.tflite_runtime_venv)
         if self.latency_warmup < 0 or self.latency_min_runs < 1 or self.latency_min_seconds < 0:
             raise ConfigError("latency settings need warmup >= 0, min_runs >= 1 and min_seconds >= 0 "
                               f"(got {self.latency_warmup}, {self.latency_min_runs}, {self.latency_min_seconds})")
+
+
+    def thread_counts(self) -> tuple[int, ...]:
+        """The thread counts to measure on this machine: ``threads``, else 1 and all cores."""
+        return self.threads if self.threads is not None else tuple(sorted({1, all_cores()}))
 
 
 def _positive_ints(values: Any, flag: str, example: str) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ What is not: no synthesis, place-and-route or co-simulation — ``hm.build()`` n
 HLS / Vivado, which are not installed — so no resource (LUT/FF/DSP/BRAM) or clock-cycle
 latency numbers. The C simulation's wall time is not hardware latency.
 
-Guards against hls4ml's silent wrong answers (TOOLCHAIN.md): a leading Flatten on a 4-D
+Guards against hls4ml's silent wrong answers (docs/toolchain.md): a leading Flatten on a 4-D
 input followed by Linear layers converts without error and agrees ~10% with PyTorch, so
 the leading Flatten is cut from the traced graph and the flattened input is fed instead;
 layer types come from observed ranges (``deploy/fpga_precision.py``); and every export is

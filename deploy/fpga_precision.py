@@ -9,7 +9,7 @@ One global type is a poor fit for a network whose layers have very different ran
 integer bits and the largest activations overflow (with the default AP_WRAP they wrap around,
 silently); too many and the small ones lose their fractional bits. So each layer's output
 type keeps the user's total width W (and rounding/overflow modes) and gets just enough
-integer bits for the largest |activation| seen on calibration data (TOOLCHAIN.md, hls4ml).
+integer bits for the largest |activation| seen on calibration data (docs/toolchain.md, "FPGA-adjacent").
 Weights and biases keep the user's type. Only :func:`activation_ranges` and
 :func:`hls_config` import hls4ml (lazily); the rest is pure.
 """
@@ -26,7 +26,7 @@ import torch
 from kdens.errors import ConfigError
 
 DEFAULT_PRECISION = "ap_fixed<16,6>"
-"""hls4ml's default type: 99.75% top-1 agreement on a 784-800-800-10 MLP (TOOLCHAIN.md)."""
+"""hls4ml's default type: 99.75% top-1 agreement on a 784-800-800-10 MLP (docs/toolchain.md)."""
 ROUNDING = ("TRN", "TRN_ZERO", "RND", "RND_ZERO", "RND_INF", "RND_MIN_INF", "RND_CONV")
 """Quantization (rounding) modes hls4ml's C simulation supports; ``TRN`` is ap_fixed's default."""
 OVERFLOW = ("WRAP", "SAT", "SAT_ZERO", "SAT_SYM")
@@ -218,7 +218,7 @@ def hls_config(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], ptype: Fi
 
     Accumulators stay ``auto`` (hls4ml sizes them so that the dot products are exact).
     ``channels_last_conversion='full'``: with 'off' hls4ml does not transpose Linear weights
-    and silently gets ~9% agreement (TOOLCHAIN.md).
+    and silently gets ~9% agreement (docs/toolchain.md).
 
     Returns:
         The config and the chosen ``{layer: {"type", "max_abs", "fits"}}``.

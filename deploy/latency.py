@@ -74,16 +74,32 @@ def other_load_is_high(cpus: float, ncpu: int | None = None) -> bool:
     return cpus > max(0.25, 0.1 * ncpu)
 
 
-def _machine_busy_seconds() -> float | None:
-    """Busy CPU-seconds of the whole machine since boot, from /proc/stat (None off Linux)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
+def busy_seconds(stat_line: str, clk_tck: int) -> float | None:
+    """Busy CPU-seconds in /proc/stat's first line (``cpu user nice system idle iowait irq softirq steal``).
+
+    Steal counts as busy: it is the host's other VMs taking this machine's CPUs.
+    """
+    fields = stat_line.split()
     if len(fields) < 9 or fields[0] != "cpu":
         return None
-    v = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")  # steal: the host's other VMs
+    v = [int(x) for x in fields[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / clk_tck
+
+
+def _machine_busy_seconds() -> float | None:
+    """Busy CPU-seconds of the whole machine since boot (None off Linux)."""
+    try:
+        line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    return busy_seconds(line, os.sysconf("SC_CLK_TCK"))
+
+
+def other_cpus(busy: float | None, own: float, wall: float) -> float | None:
+    """CPUs others kept busy: the machine's busy seconds less this process's, over the wall time."""
+    if busy is None or wall <= 0:
+        return None
+    return max(0.0, (busy - own) / wall)
 
 
 class OtherLoad:
@@ -103,8 +119,8 @@ class OtherLoad:
 
     def __exit__(self, *exc) -> bool:
         busy, wall = _machine_busy_seconds(), time.perf_counter() - self._t
-        if busy is not None and self._busy is not None and wall > 0:
-            self.cpus = max(0.0, (busy - self._busy - (time.process_time() - self._own)) / wall)
+        if busy is not None and self._busy is not None:
+            self.cpus = other_cpus(busy - self._busy, time.process_time() - self._own, wall)
         return False
 
 
@@ -121,6 +137,24 @@ def paired_ratio(a, b) -> dict:
     r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
     lo, hi = median_ci(r)
     return {"median": float(np.median(r)), "ci95": [lo, hi], "rounds_slower": int((r > 1).sum()), "rounds": len(r)}
+
+
+def paired_verdict(choice, ort, tfl, ort_aa, tfl_aa) -> dict:
+    """A chosen artifact against the best of two hand-made files, round by round, beside an A/A control.
+
+    Per round: choice / min(hand ORT, hand LiteRT), and the A/A ratio min(second sessions) /
+    min(first sessions) — identical work, so it shows how far apart two timings of the same
+    thing land. "slower" needs the choice's interval above 1 *and* above the A/A interval;
+    "faster" needs it below 1; anything else is a tie at this measurement's resolution.
+    """
+    hand = np.minimum(ort, tfl)
+    c = paired_ratio(choice, hand)
+    aa = paired_ratio(np.minimum(ort_aa, tfl_aa), hand)
+    (lo, hi), aa_hi = c["ci95"], aa["ci95"][1]
+    verdict = "faster" if hi < 1 else "slower" if lo > 1 and lo > aa_hi else "tie"
+    return {"ratio_median": c["median"], "ratio_ci95": c["ci95"], "rounds_slower": c["rounds_slower"],
+            "aa_ratio_median": aa["median"], "aa_ci95": aa["ci95"], "aa_rounds_slower": aa["rounds_slower"],
+            "verdict": verdict, "never_slower": verdict != "slower"}
 
 
 def latency_key(batch_size: int, threads: int) -> str:

@@ -9,7 +9,7 @@
   float: the QuantizeLinear/DequantizeLinear pairs live inside the graph.
 - ``--quantize dynamic``: weights int8, activations quantized on the fly per batch. Only
   for models without convolutions: on a small CNN it made ORT 9-33x slower than fp32
-  (TOOLCHAIN.md), so it is refused there.
+  (docs/toolchain.md), so it is refused there.
 
 Checked: ``onnx.checker.check_model``; the file loads in ONNX Runtime; logits on the whole
 test set against PyTorch (float: max |diff| within tolerance; int8: top-1 agreement and
@@ -210,7 +210,7 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
 
     path = out_dir / MODEL_FILE
     try:
-        runner = OnnxModel(path, num_threads=max(opts.threads))
+        runner = OnnxModel(path, num_threads=max(opts.thread_counts()))
     except Exception as e:
         raise ModelError(f"{path} passed onnx.checker but ONNX Runtime cannot load it: {e}") from e
     out = runner.predict(data.x_test)  # (N, C)
@@ -241,7 +241,7 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
 
     lat, env = latency.latency_grid(
         lambda bs, t: OnnxModel(path, num_threads=t).run_fn(bs), data.x_test, opts.batch_sizes,
-        opts.threads, warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
+        opts.thread_counts(), warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
         min_seconds=opts.latency_min_seconds)
     checks["latency"] = common.info(f"measured {', '.join(lat)} in onnxruntime (CPU EP)")
 

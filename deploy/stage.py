@@ -1,91 +1,75 @@
 """Stage ``deploy``: export one trained model to a target, check it, gate it, write the report.
 
-Reads a finished single-model run folder (generalist or student), rebuilds its dataset
-from the manifest (fingerprint checked), and hands model + arrays to the target module
-(``onnx_export``, ``tflite_export`` or ``fpga``). Writes ``<out>/<target>-<precision>/``
-with the model file(s), ``report.json``, ``report.md`` and, last, ``manifest.json``.
-A failed gate or check raises :class:`GateFailed` after everything is written, so the
-artifact stays for inspection.
+Reads a finished single-model run folder (generalist or student; its manifest's hashes
+checked), rebuilds its dataset from the manifest (fingerprint checked), and hands model +
+arrays to the target module (``onnx_export``, ``tflite_export`` or ``fpga``). Writes the
+run folder (``<out>/<target>-<precision>/`` from the CLI) with the model file(s),
+``report.json``, ``report.md`` and, last, ``manifest.json``. A failed gate or check raises
+:class:`GateFailed` after everything is written, so the artifact stays for inspection.
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from deploy.common import DeployData, DeployOptions
+from deploy.common import DeployData
+from deploy.config import DEFAULT_FPGA_PRECISION, DeployConfig
 from deploy.report import evaluate_gates, gate_failure_message, write_report
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file, write_manifest
-from kdens.errors import ConfigError, GateFailed
+from kdens.errors import ArtifactError, GateFailed
+from kdens.models import load_model
+from kdens.runs import data_config, run_data
 
-TARGETS = {"onnx": "deploy.onnx_export", "tflite": "deploy.tflite_export", "fpga": "deploy.fpga"}
-DEFAULT_FPGA_PRECISION = "ap_fixed<16,6>"
-
-
-def precision_tag(target: str, opts: DeployOptions, precision: str | None) -> str:
-    """Folder-name precision: float / int8 / dynamic, or ap_fixed16_6 for FPGA types."""
-    if target == "fpga":
-        from deploy.fpga_precision import parse_precision
-
-        return parse_precision(precision or DEFAULT_FPGA_PRECISION).tag
-    tag = {"none": "float", "int8": "int8", "dynamic": "dynamic"}[opts.quantize]
-    # int8 in/out is a different file from float I/O around int8: keep both side by side
-    return tag + "-int8io" if target == "tflite" and opts.io == "int8" else tag
+MODULES = {"onnx": "deploy.onnx_export", "tflite": "deploy.tflite_export", "fpga": "deploy.fpga"}
 
 
-def run(model_dir: Path, target: str, opts: DeployOptions, out_root: Path, *,
-        precision: str | None = None, sweep: list | None = None,
-        min_agreement: float | None = None) -> tuple[Path, dict]:
-    """Deploy ``model_dir`` to ``target`` under ``out_root``; returns (folder, report).
+def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool = False,
+        progress: bool = True) -> Path:
+    """Deploy ``cfg.model`` to ``cfg.target`` into ``run_dir``; returns the folder.
+
+    An export has no partial state worth continuing, so ``resume`` redoes it; a finished
+    folder is redone only with ``force``. ``progress`` is accepted for the stage contract
+    (exports print nothing while they run).
 
     Raises:
         GateFailed: a budget (--max-latency-ms, --max-accuracy-drop) or a check (parity,
             structure) failed; the folder is complete and says why.
     """
-    from kdens.evaluate import dataset_for_run
-    from kdens.models import load_model
-
-    if target not in TARGETS:
-        raise ConfigError(f"--target {target!r} unknown; valid: {', '.join(TARGETS)}")
-    if (precision is not None or sweep or min_agreement is not None) and target != "fpga":
-        raise ConfigError("--precision, --sweep and --min-agreement apply to --target fpga only; "
-                          "use --quantize for onnx/tflite")
-    if target == "fpga" and opts.quantize != "none":
-        raise ConfigError("--quantize applies to onnx/tflite; for --target fpga choose --precision ap_fixed<W,I>")
     t0 = time.time()
-    model_dir = Path(model_dir)
+    run_dir = Path(run_dir)
+    model_dir = Path(cfg.model)
     manifest = read_manifest(model_dir, ("generalist", "student"))
-    data = dataset_for_run(manifest)
+    if (run_dir / MANIFEST).exists() and not (force or resume):
+        raise ArtifactError(f"{run_dir} already holds a finished deploy; pass --force to export again, "
+                            "or choose another --out")
+    data = run_data(manifest)
     model, spec = load_model(model_dir)
-    module = importlib.import_module(TARGETS[target])
-    out_dir = Path(out_root) / f"{target}-{precision_tag(target, opts, precision)}"
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # a redeploy is unfinished until its manifest lands
+    module = importlib.import_module(MODULES[cfg.target])
+    (run_dir / MANIFEST).unlink(missing_ok=True)  # a redeploy is unfinished until its manifest lands
+    opts = cfg.opts
     arrays = DeployData(x_calib=data.x_train, x_test=data.x_test, y_test=data.y_test)
-    if target == "fpga":
-        report = module.deploy(model, arrays, opts, out_dir, precision=precision or DEFAULT_FPGA_PRECISION,
-                               sweep=sweep, min_agreement=min_agreement)
+    if cfg.target == "fpga":
+        report = module.deploy(model, arrays, opts, run_dir, precision=cfg.precision or DEFAULT_FPGA_PRECISION,
+                               sweep=cfg.sweep, min_agreement=cfg.min_agreement)
     else:
-        report = module.deploy(model, arrays, opts, out_dir)
+        report = module.deploy(model, arrays, opts, run_dir)
     report["model_run"] = str(model_dir)
     report["model"] = {"name": spec["name"], "kwargs": spec["kwargs"]}
     report["gates"] = evaluate_gates(report, opts.max_latency_ms, opts.max_accuracy_drop)
     failures = [gate_failure_message(report["gates"])] + list(report.get("failures", []))
     failures = [f for f in failures if f]
     report["verdict"] = "fail" if failures else "pass"
-    write_report(out_dir, report)
-    write_manifest(out_dir, stage="deploy", config={"target": target, "precision": precision,
-                                                    **_opts_dict(opts)},
-                   inputs={str(model_dir / "manifest.json"): sha256_file(model_dir / "manifest.json"),
-                           str(model_dir / "model.safetensors"): sha256_file(model_dir / "model.safetensors")},
+    write_report(run_dir, report)
+    config = {**asdict(cfg), "opts": asdict(opts)}
+    write_manifest(run_dir, stage="deploy", config=config,
+                   inputs={str(model_dir / name): sha256_file(model_dir / name)
+                           for name in (MANIFEST, "model.safetensors")},
                    data_fingerprint=data.fingerprint, seed=opts.seed, wall_seconds=round(time.time() - t0, 3),
-                   metrics={k: report.get(k) for k in ("accuracy", "float_accuracy", "agreement", "size_bytes")})
+                   metrics={k: report.get(k) for k in ("accuracy", "float_accuracy", "agreement", "size_bytes")},
+                   extra={"data_config": data_config(manifest), "verdict": report["verdict"]})
     if failures:
-        raise GateFailed("; ".join(failures) + f" (artifact kept in {out_dir})")
-    return out_dir, report
-
-
-def _opts_dict(opts: DeployOptions) -> dict:
-    from dataclasses import asdict
-
-    return asdict(opts)
+        raise GateFailed("; ".join(failures) + f" (artifact kept in {run_dir})")
+    return run_dir

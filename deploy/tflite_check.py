@@ -1,18 +1,22 @@
 """Cross-check ``.tflite`` files in tflite-runtime 2.14, the interpreter many devices still ship.
 
 tflite-runtime 2.14 needs numpy<2 while kdens runs on numpy 2, so it lives in its own venv
-(``.venv-tflite``, ~110 MB, created once with ``python -m venv`` + pip). The check runs
-``deploy/edge_runner.py`` there in a subprocess (``python -I``: no PYTHONPATH leaking the
-main venv's numpy) on the real test inputs, and compares its logits with PyTorch and with
-ai_edge_litert. It catches files that load in LiteRT but not in older runtimes (op
-versions), and old kernels that compute differently. If the venv cannot be created the
-result says "not checked: <reason>" instead of failing the deploy.
+(~110 MB), which ``make setup`` creates (``INSTALL_COMMAND`` below); kdens never installs
+anything while a command runs. The check runs ``deploy/edge_runner.py`` there in a
+subprocess (``python -I``: no PYTHONPATH leaking the main venv's numpy) on the real test
+inputs, and compares its logits with PyTorch and with ai_edge_litert. It catches files that
+load in LiteRT but not in older runtimes (op versions), and old kernels that compute
+differently (docs/toolchain.md, "TFLite").
+
+Where the venv lives: ``--tflite-runtime-venv PATH`` or ``$KDENS_TFLITE_RUNTIME_VENV`` (asked
+for explicitly: a missing venv is an error naming the install command), else
+``~/.cache/kdens/venv-tflite-runtime`` (absent: the check says "not checked" and why).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,11 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from kdens.errors import KdensError
+from kdens.errors import ConfigError
 
 TFLITE_RUNTIME_REQ = ("tflite-runtime==2.14.0", "numpy<2")
+DEFAULT_VENV = Path.home() / ".cache" / "kdens" / "venv-tflite-runtime"
 RUNNER = Path(__file__).with_name("edge_runner.py")
 _PROBE = "import numpy, tflite_runtime.interpreter; assert int(numpy.__version__.split('.')[0]) < 2"
+
+
+def install_command(venv: Path) -> str:
+    """The shell command that makes the cross-check venv (what ``make setup`` runs)."""
+    req = " ".join(f"'{r}'" if "<" in r else r for r in TFLITE_RUNTIME_REQ)
+    return f"python3 -m venv {venv} && {venv}/bin/python -m pip install {req}"
 
 
 def _venv_python(path: Path) -> Path:
@@ -39,42 +50,30 @@ def _works(py: Path) -> bool:
     return r.returncode == 0
 
 
-def ensure_tflite_runtime_venv(path: str | Path = ".venv-tflite") -> Path:
-    """Create (once) a venv with tflite-runtime 2.14 and numpy<2; return its python.
+def find_tflite_runtime(venv: str | None) -> tuple[Path | None, str]:
+    """(the venv's python, "") when the cross-check can run, else (None, why not).
 
-    Idempotent and safe against concurrent callers (a file lock beside the venv). A venv
-    that exists but cannot import tflite_runtime is repaired by re-running pip.
+    Args:
+        venv: ``None`` for the default place (``$KDENS_TFLITE_RUNTIME_VENV``, else
+            ``~/.cache/kdens/venv-tflite-runtime``), ``"none"`` to skip the check, or a path.
 
     Raises:
-        KdensError: venv creation or ``pip install`` failed; the message holds pip's output.
+        ConfigError: a venv named explicitly (flag or environment) is missing or broken.
     """
-    path = Path(path).absolute()
-    py = _venv_python(path)
-    if _works(py):
-        return py
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same venv
-        if _works(py):
-            return py
-        if not py.exists():
-            shutil.rmtree(path, ignore_errors=True)
-            r = subprocess.run([sys.executable, "-m", "venv", str(path)], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise KdensError(f"could not create the tflite-runtime venv at {path}: "
-                                 f"{(r.stderr or r.stdout).strip()[-800:]}")
-        r = subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                            *TFLITE_RUNTIME_REQ], capture_output=True, text=True, timeout=900)
-        if r.returncode != 0 or not _works(py):
-            raise KdensError(
-                f"pip could not install {' '.join(TFLITE_RUNTIME_REQ)} into {path} (tflite-runtime 2.14 has "
-                f"wheels for CPython 3.8-3.11 on Linux x86_64/aarch64 only): "
-                f"{(r.stderr or r.stdout).strip()[-800:] or 'installed, but the import still fails'}")
-    return py
+    if venv is not None and str(venv).lower() == "none":
+        return None, "disabled (--tflite-runtime-venv none)"
+    named = venv or os.environ.get("KDENS_TFLITE_RUNTIME_VENV")
+    path = Path(named or DEFAULT_VENV).expanduser().absolute()
+    if _works(_venv_python(path)):
+        return _venv_python(path), ""
+    why = f"no working tflite-runtime 2.14 venv at {path}; `make setup` makes it, or: {install_command(path)}"
+    if named:
+        raise ConfigError(f"--tflite-runtime-venv {named}: {why} (or pass --tflite-runtime-venv none to skip the check)")
+    return None, why
 
 
 def check_in_tflite_runtime(tflite_path: str | Path, x: np.ndarray, expected_logits: np.ndarray, *,
-                            venv: str | Path = ".venv-tflite", expected_runtime: np.ndarray | None = None,
+                            python: Path, expected_runtime: np.ndarray | None = None,
                             latency_threads: tuple[int, ...] | None = None, min_seconds: float = 0.2,
                             timeout: float = 900) -> dict:
     """Run ``tflite_path`` on ``x`` in tflite-runtime 2.14 and compare its logits.
@@ -83,20 +82,16 @@ def check_in_tflite_runtime(tflite_path: str | Path, x: np.ndarray, expected_log
         tflite_path: The file to check.
         x: Float inputs (N, 1, H, W); int8-input files get them quantized by the runner.
         expected_logits: PyTorch logits (N, C).
-        venv: Where the tflite-runtime venv lives (created on first use).
+        python: The cross-check venv's python (from ``find_tflite_runtime``).
         expected_runtime: Optional host-runtime logits; adds ``*_host_runtime`` fields.
         latency_threads: If given, also time every signature at these thread counts.
         min_seconds: Timed seconds per latency measurement.
         timeout: Seconds before the subprocess is killed.
 
     Returns:
-        ``{"loads": bool|None, "agreement", "max_abs_diff", "error", "runtime", ...}``;
-        ``loads`` is None (and ``error`` starts with "not checked:") when the venv is missing.
+        ``{"loads": bool, "agreement", "max_abs_diff", "error", "runtime", ...}``.
     """
-    try:
-        py = ensure_tflite_runtime_venv(venv)
-    except (KdensError, OSError, subprocess.SubprocessError) as e:
-        return {"loads": None, "agreement": None, "max_abs_diff": None, "error": f"not checked: {e}"}
+    py = python
     with tempfile.TemporaryDirectory(prefix="kdens-tflrt-") as tmp:
         tmp = Path(tmp)
         runner = shutil.copy(RUNNER, tmp / RUNNER.name)  # run it alone, away from deploy/'s modules

@@ -11,7 +11,7 @@
   a QUANTIZE op is added after each input and a DEQUANTIZE op before each output in the
   flatbuffer: the same int8 graph, float tensors at the boundary.
 - ``--quantize dynamic`` is refused: tflite-runtime 2.14 refuses PT2E dynamic files and
-  silently miscomputes ai-edge-quantizer dynamic files (TOOLCHAIN.md).
+  silently miscomputes ai-edge-quantizer dynamic files (docs/toolchain.md).
 
 Pitfall handled: a module called twice (one ``nn.MaxPool2d`` or ``nn.ReLU`` reused) makes
 ``prepare_pt2e`` fail, because both calls carry the same module path; each call gets its
@@ -32,7 +32,7 @@ from torch import nn
 from deploy import common, latency
 from deploy.common import DeployData, DeployOptions
 from deploy.edge_runner import TFLiteModel, quantize
-from deploy.tflite_check import check_in_tflite_runtime
+from deploy.tflite_check import check_in_tflite_runtime, find_tflite_runtime
 from kdens.errors import ConfigError, ModelError
 
 MODEL_FILE = "model.tflite"
@@ -252,7 +252,7 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
     path = atomic_write_bytes(out_dir / MODEL_FILE, buf)
 
     try:
-        litert = TFLiteModel(path, "ai_edge_litert", num_threads=max(opts.threads))
+        litert = TFLiteModel(path, "ai_edge_litert", num_threads=max(opts.thread_counts()))
     except Exception as e:
         raise ModelError(f"{path} does not load in ai_edge_litert: {e}") from e
     sigs = {signature_name(bs) for bs in opts.batch_sizes}
@@ -273,9 +273,10 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
                                         f"|logit diff| {cmp['max_abs_diff']:.3g} (judged by the accuracy gate)")
     runtimes = {"ai_edge_litert": {"version": litert_version(), "loads": True, "delegate": "XNNPACK (default)",
                                    "agreement": cmp["agreement"], "max_abs_diff": cmp["max_abs_diff"]}}
-    if opts.tflite_runtime_venv is not None:
-        tr = check_in_tflite_runtime(path, data.x_test, ref, venv=opts.tflite_runtime_venv, expected_runtime=out,
-                                     latency_threads=(min(opts.threads),),
+    tr_python, why_not = find_tflite_runtime(opts.tflite_runtime_venv)
+    if tr_python is not None:
+        tr = check_in_tflite_runtime(path, data.x_test, ref, python=tr_python, expected_runtime=out,
+                                     latency_threads=(min(opts.thread_counts()),),
                                      min_seconds=opts.latency_min_seconds)
         runtimes["tflite_runtime"] = tr
         if tr.get("loads") is None:
@@ -287,13 +288,14 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
                      f"{tr.get('agreement_host_runtime', float('nan')):.2%}, with PyTorch {tr.get('agreement', float('nan')):.2%}")
                 if tr["loads"] else f"tflite-runtime cannot run the file: {tr.get('error')}")
     else:
-        checks["tflite_runtime"] = common.not_checked("disabled (tflite_runtime_venv=None)")
+        runtimes["tflite_runtime"] = {"loads": None, "error": f"not checked: {why_not}"}
+        checks["tflite_runtime"] = common.not_checked(why_not)
 
     in_detail = litert.io_details()[0]
     prepare = (lambda xb: quantize(xb, in_detail)) if io["input"]["dtype"] == "int8" else None
     lat, env = latency.latency_grid(
         lambda bs, t: TFLiteModel(path, "ai_edge_litert", num_threads=t).run_fn(bs), data.x_test,
-        opts.batch_sizes, opts.threads, warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
+        opts.batch_sizes, opts.thread_counts(), warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
         min_seconds=opts.latency_min_seconds, prepare=prepare)
     checks["latency"] = common.info(f"measured {', '.join(lat)} in ai_edge_litert (XNNPACK) through the "
                                      "signature runner; int8 inputs are quantized before timing")

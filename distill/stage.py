@@ -30,7 +30,8 @@ from kdens.artifacts import MANIFEST, atomic_write_json, read_manifest, sha256_f
 from kdens.config import to_dict
 from kdens.data import Dataset, load_dataset, load_unlabeled
 from kdens.errors import ConfigError, DataError, KdensError
-from kdens.generalist import evaluate_model, prepare_run_dir, run_key
+from kdens.evaluate import evaluate_model
+from kdens.runs import prepare_run_dir, run_key
 from kdens.models import build_model, count_params, load_model, model_spec, save_model
 from kdens.train import CHECKPOINT, fit, predict_logits, resolve_device
 

@@ -45,6 +45,7 @@ from torch import Tensor
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file
 from kdens.errors import ArtifactError, ConfigError
 from kdens.models import load_model
+from kdens.runs import data_config
 
 # describe() keys that say where a teacher lives, not what it answers: left out of the
 # soft-target cache key so that a moved run folder or another device still hits the cache
@@ -84,12 +85,6 @@ def soft_scores_depend_on_temperature(teacher: Teacher) -> bool:
     return hasattr(teacher, "soft_scores") and bool(getattr(teacher, "soft_scores_depend_on_temperature", False))
 
 
-def _data_config(manifest: dict) -> dict:
-    cfg = manifest.get("config", {})
-    return {"data": cfg.get("data", "digits"), "val_fraction": cfg.get("val_fraction", 0.1),
-            "split_seed": cfg.get("split_seed", 0)}
-
-
 class ModelTeacher:
     """A single trained model (a generalist or a student) answering ``log_softmax(z)``."""
 
@@ -108,7 +103,7 @@ class ModelTeacher:
         self.class_names = list(manifest.get("data", {}).get("class_names")
                                 or [str(c) for c in range(self.num_classes)])
         self.manifest_hashes = [sha256_file(run_dir / MANIFEST)]
-        self.data_config = _data_config(manifest)
+        self.data_config = data_config(manifest)
         self.data_fingerprint = manifest.get("data_fingerprint")
         self._spec = spec
 

@@ -3,7 +3,7 @@
 Hinton, Vinyals & Dean (2015), section 3: an ensemble of separately trained nets is the
 cumbersome model whose knowledge distillation transfers. Each member is an ordinary
 generalist run folder ``member-00`` ... ``member-(K-1)`` (weights, metrics, history and
-its own manifest, stage ``generalist``), trained by ``kdens.generalist.train_model``
+its own manifest, stage ``generalist``), trained by ``kdens.runs.train_model``
 with seed ``seed + k``. When every member is finished the stage scores the members and
 their combination on the test and validation splits (``metrics.json``) and writes the
 ensemble's ``manifest.json`` last.
@@ -37,8 +37,7 @@ from kdens.artifacts import (
 from kdens.config import to_dict
 from kdens.data import Dataset, load_dataset
 from kdens.errors import ArtifactError
-from kdens.evaluate import dataset_for_run
-from kdens.generalist import prepare_run_dir, train_model
+from kdens.runs import prepare_run_dir, run_data, train_model
 from kdens.models import build_model, load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
@@ -227,7 +226,7 @@ def _combine(cfg: EnsembleConfig, run_dir: Path, data: Dataset, world: int, t0: 
 def evaluate_ensemble(run_dir: Path, manifest: dict) -> dict:
     """``kdens evaluate`` of an ensemble run: ensemble and per-member test metrics, recomputed."""
     run_dir = Path(run_dir)
-    data = dataset_for_run(manifest)
+    data = run_data(manifest)
     cfg = manifest["config"]
     names = manifest.get("members") or [f"member-{k:02d}" for k in range(cfg["members"])]
     models = []

@@ -2,7 +2,7 @@
 
 ``teacher(x)`` answers the combined log-probabilities at T = 1 (the interface every
 teacher shares); ``teacher.soft_scores(x, T)`` answers scores ``s`` whose
-``softmax(s / T)`` is the ensemble's soft target at T as DESIGN.md defines it (Hinton,
+``softmax(s / T)`` is the ensemble's soft target at T as docs/architecture.md defines it (Hinton,
 Vinyals & Dean 2015, section 3):
 
 * arithmetic: ``p_T = 1/K sum_k softmax(z_k / T)``, so ``s = T * log p_T``. This depends
@@ -28,6 +28,7 @@ from ensembles.combine import METHODS, combine_log_probs
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file
 from kdens.errors import ArtifactError, ConfigError
 from kdens.models import load_model
+from kdens.runs import data_config
 
 
 class EnsembleTeacher:
@@ -69,8 +70,7 @@ class EnsembleTeacher:
         self.class_names = list(manifest.get("data", {}).get("class_names")
                                 or [str(c) for c in range(self.num_classes)])
         self.manifest_hashes = [sha256_file(run_dir / MANIFEST), *hashes]
-        self.data_config = {"data": cfg.get("data", "digits"), "val_fraction": cfg.get("val_fraction", 0.1),
-                            "split_seed": cfg.get("split_seed", 0)}
+        self.data_config = data_config(manifest)
         self.data_fingerprint = manifest.get("data_fingerprint")
         # a mixture of softened members is not the softened mixture; a product of experts is
         self.soft_scores_depend_on_temperature = self.method == "arithmetic"

@@ -24,7 +24,7 @@ class DepthwiseNet(nn.Module):
         for _ in range(blocks):
             layers += [nn.Conv2d(width, width, 3, padding=1, groups=width), nn.ReLU(),  # depthwise
                        nn.Conv2d(width, 2 * width, 1), nn.ReLU(),                       # pointwise
-                       nn.MaxPool2d(2)]  # one module per use: PT2E int8 export needs that (TOOLCHAIN.md)
+                       nn.MaxPool2d(2)]  # one module per use: PT2E int8 export needs that (docs/toolchain.md)
             width *= 2
         self.body = nn.Sequential(*layers)
         self.flatten = nn.Flatten()

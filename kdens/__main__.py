@@ -1,5 +1,5 @@
 """``python -m kdens`` runs the command line."""
 
-from kdens.cli import main
+from kdens.app.cli import main
 
 main()

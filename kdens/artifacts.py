@@ -1,7 +1,9 @@
 """Run folders: atomic writes, manifests, and checks that an earlier stage finished.
 
 A stage writes its files first and ``manifest.json`` last, so a folder without a
-manifest is an unfinished stage (DESIGN.md, "The pipeline").
+manifest is an unfinished stage. The manifest records the sha256 of every file the stage
+wrote beside it (``outputs``), and ``read_manifest`` checks them before anything is loaded,
+so a truncated or edited file is refused by name instead of being used.
 """
 
 from __future__ import annotations
@@ -98,9 +100,29 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def hash_inputs(paths: list[Path]) -> dict[str, str]:
-    """sha256 of every input file, keyed by path, for the manifest."""
-    return {str(p): sha256_file(p) for p in paths}
+# Files beside a manifest that are not the stage's product: epoch checkpoints (removed once
+# finished), the lock a resuming stage takes, and what a report caches in a stage folder.
+_NOT_OUTPUTS = {MANIFEST, "checkpoint.pt"}
+
+
+def output_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file a stage wrote in ``run_dir`` (top level; sub-runs have their own manifests)."""
+    run_dir = Path(run_dir)
+    return {p.name: sha256_file(p) for p in sorted(run_dir.iterdir())
+            if p.is_file() and p.name not in _NOT_OUTPUTS and not p.name.startswith(".")}
+
+
+def verify_outputs(run_dir: Path, manifest: dict) -> None:
+    """Raise naming the first file that is missing or differs from the hash its manifest records."""
+    run_dir = Path(run_dir)
+    for name, digest in (manifest.get("outputs") or {}).items():
+        path = run_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing but {run_dir / MANIFEST} lists it; the run folder is "
+                                "damaged: rerun the stage that made it (with --force)")
+        if sha256_file(path) != digest:
+            raise ArtifactError(f"{path} differs from the sha256 {run_dir / MANIFEST} records (truncated or "
+                                "edited after the run); rerun the stage that made it (with --force)")
 
 
 def _versions() -> dict[str, str]:
@@ -142,6 +164,7 @@ def write_manifest(
     }
     if extra:
         manifest.update(extra)
+    manifest["outputs"] = output_hashes(run_dir)
     return atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
 
@@ -154,8 +177,13 @@ MAKE_COMMANDS = {
 }
 
 
-def read_manifest(run_dir: Path, expect_stage: str | tuple[str, ...] | None = None) -> dict:
-    """Read a finished stage's manifest, or explain what is missing and how to make it."""
+def read_manifest(run_dir: Path, expect_stage: str | tuple[str, ...] | None = None, *,
+                  verify: bool = True) -> dict:
+    """Read a finished stage's manifest, or explain what is missing and how to make it.
+
+    With ``verify`` (the default) every file the manifest lists is checked against its
+    sha256 first: a damaged folder is bad input, refused before anything is loaded from it.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"run folder {run_dir} does not exist; {_hint(expect_stage, run_dir)}")
@@ -171,6 +199,8 @@ def read_manifest(run_dir: Path, expect_stage: str | tuple[str, ...] | None = No
         raise ArtifactError(
             f"{run_dir} holds a '{manifest.get('stage')}' stage, expected {' or '.join(stages)}"
         )
+    if verify:
+        verify_outputs(run_dir, manifest)
     return manifest
 
 

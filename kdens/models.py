@@ -52,7 +52,7 @@ class CNN(nn.Module):
     """Conv blocks (conv-ReLU[-BN] x k, then 2x2 max-pool) + one hidden FC layer.
 
     Each pooling step is its own module: PT2E quantization fails on a MaxPool2d module
-    used twice (TOOLCHAIN.md).
+    used twice (docs/toolchain.md).
     """
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], width: int = 32, depth: int = 2,

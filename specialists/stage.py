@@ -42,8 +42,7 @@ from kdens.artifacts import (
 from kdens.config import to_dict
 from kdens.data import Dataset, stratified_subset
 from kdens.errors import ArtifactError, ConfigError, DataError, ModelError
-from kdens.evaluate import dataset_for_run
-from kdens.generalist import prepare_run_dir, run_key
+from kdens.runs import data_config, prepare_run_dir, run_data, run_key
 from kdens.models import load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
@@ -63,18 +62,12 @@ def spec_dir(run_dir: Path, m: int) -> Path:
 
 # ---------------------------------------------------------------- reading the generalist
 
-def _data_config(gen_manifest: dict) -> dict:
-    c = gen_manifest.get("config", {})
-    return {"data": c.get("data", "digits"), "val_fraction": c.get("val_fraction", 0.1),
-            "split_seed": c.get("split_seed", 0), "train_fraction": c.get("train_fraction", 1.0)}
-
-
-def load_data(data_config: dict, fingerprint: str | None) -> tuple[Dataset, np.ndarray, np.ndarray]:
-    """The generalist's dataset (fingerprint checked) and the training examples it saw."""
-    data = dataset_for_run({"config": data_config, "data_fingerprint": fingerprint})
+def load_data(manifest: dict) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """A run's dataset (fingerprint checked) and the training examples it saw."""
+    data, cfg = run_data(manifest), data_config(manifest)
     x, y = data.x_train, data.y_train
-    if data_config.get("train_fraction", 1.0) < 1.0:
-        keep = stratified_subset(y, data_config["train_fraction"], data_config["split_seed"])
+    if cfg["train_fraction"] < 1.0:
+        keep = stratified_subset(y, cfg["train_fraction"], cfg["split_seed"])
         x, y = x[keep], y[keep]
     return data, x, y
 
@@ -185,8 +178,8 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
     # Validate everything that can fail on bad input before the first write.
     gen_dir = Path(cfg.generalist)
     gen_man = read_manifest(gen_dir, "generalist")
-    data_config = _data_config(gen_man)
-    data, x, y = load_data(data_config, gen_man.get("data_fingerprint"))
+    data_cfg = data_config(gen_man)
+    data, x, y = load_data(gen_man)
     if not len(data.y_val):
         raise DataError(f"--generalist {gen_dir} was trained with --val-fraction 0; specialists need its "
                         "validation split (for clustering and early stopping): retrain it with --val-fraction > 0")
@@ -223,10 +216,10 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
         atomic_write_json(run_dir / CLUSTERS, record)
     for m in mine:
         if plans[m] == "train":
-            _train_one(cfg, m, groups, run_dir, gen_dir, gen_model, gen_spec, gen_hash, data, data_config, x, y,
+            _train_one(cfg, m, groups, run_dir, gen_dir, gen_model, gen_spec, gen_hash, data, data_cfg, x, y,
                        resume, force, progress)
     if not pending_specialists(run_dir, len(groups)):
-        _finish(cfg, run_dir, groups, gen_dir, gen_model, gen_hash, data, data_config, world, t0)
+        _finish(cfg, run_dir, groups, gen_dir, gen_model, gen_hash, data, data_cfg, world, t0)
     return run_dir
 
 
@@ -336,7 +329,7 @@ def evaluate_specialists(run_dir: Path, manifest: dict) -> dict:
     from specialists.teacher import load_teacher
 
     teacher = load_teacher(run_dir)
-    data, _, _ = load_data(manifest["data_config"], manifest.get("data_fingerprint"))
+    data, _, _ = load_data(manifest)
     teacher.combiner.check_kkt = True
     report = combined_report(teacher.combiner, data.x_test, data.y_test, data.class_names)
     return {"stage": "specialists", "run": str(run_dir), **report}
@@ -345,7 +338,7 @@ def evaluate_specialists(run_dir: Path, manifest: dict) -> dict:
 def evaluate_specialist(run_dir: Path, manifest: dict) -> dict:
     """``kdens evaluate`` of one specialist folder: its |S| + 1-way task, beside the folded generalist."""
     run_dir = Path(run_dir)
-    data, _, _ = load_data(manifest["data_config"], manifest.get("data_fingerprint"))
+    data, _, _ = load_data(manifest)
     group = manifest["specialist"]["group"]
     model, _ = load_model(run_dir)
     gen, _ = load_model(resolve_generalist(run_dir, manifest))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file
 from kdens.errors import ArtifactError, ConfigError
 from kdens.models import load_model
+from kdens.runs import data_config
 from specialists.combine import active_specialists, combine, kkt_residual
 
 TOL = 1e-6  # the combination's tolerance: no q_k moves by more than this at the last iteration
@@ -143,9 +144,7 @@ class SpecialistsTeacher:
         self.class_names = list(manifest.get("data", {}).get("class_names")
                                 or [str(c) for c in range(self.num_classes)])
         self.manifest_hashes = [sha256_file(run_dir / MANIFEST), gen_hash, *hashes]
-        gcfg = read_manifest(gen_dir, "generalist").get("config", {})
-        self.data_config = {"data": gcfg.get("data", "digits"), "val_fraction": gcfg.get("val_fraction", 0.1),
-                            "split_seed": gcfg.get("split_seed", 0)}
+        self.data_config = data_config(read_manifest(gen_dir, "generalist"))
         self.data_fingerprint = manifest.get("data_fingerprint")
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -99,10 +99,13 @@ def test_latency_grid_pins_and_keys():
 
 
 def test_bandwidth_bound():
+    import math
+
     bw = latency.memory_bandwidth_gbps(64)
-    assert 0.1 < bw < 5000
+    assert math.isfinite(bw) and bw > 0  # a measurement of this machine: only its sign is known
     b = latency.latency_bound_ms(10**9, bandwidth_gbps=10.0)
     assert b["latency_bound_ms"] == pytest.approx(100.0) and b["weights_fit_in_cache"] is False
+    assert latency.latency_bound_ms(10**9, bandwidth_gbps=20.0)["latency_bound_ms"] == pytest.approx(50.0)
 
 
 def _deploy_dir(tmp_path):
@@ -160,11 +163,11 @@ def test_rows_within_resolution_of_the_fastest_are_marked_tied():
     """Paired per-round ratios: 1% noise around the fastest is a tie, a steady 5% is not."""
     rng = np.random.default_rng(0)
     base = rng.normal(0.10, 0.003, 30)  # per-round p50s of the fastest, drifting with load
-    rows = [bench._row("fast", _timed_report(base)),
-            bench._row("twin", _timed_report(base * rng.normal(1.0, 0.01, 30))),
-            bench._row("slow", _timed_report(base * 1.05)),
-            bench._row("pytorch-float", {**_report(target="pytorch", b1=(0.5, 0.6))}),
-            {**bench._row("phone", _timed_report(base * 3)), "device": "pixel"}]
+    rows = [bench.row("fast", _timed_report(base)),
+            bench.row("twin", _timed_report(base * rng.normal(1.0, 0.01, 30))),
+            bench.row("slow", _timed_report(base * 1.05)),
+            bench.row("pytorch-float", {**_report(target="pytorch", b1=(0.5, 0.6))}),
+            {**bench.row("phone", _timed_report(base * 3)), "device": "pixel"}]
     bench.mark_ties(rows)
     by = {r["name"]: r for r in rows}
     first = "fast" if by["fast"]["fastest_host"] else "twin"  # equal work: either may rank first
@@ -188,8 +191,8 @@ def test_the_table_ranks_by_the_quiet_level_not_the_median():
     slow_round = rng.random(30) < 0.6  # a neighbour thrashes the cache in 60% of this file's rounds
     fast = np.where(slow_round, 0.20, 0.12) * rng.normal(1, 0.01, 30)
     steady = 0.15 * rng.normal(1, 0.01, 30)
-    rows = [bench._row("onnx-float", _timed_report(steady, precision="float")),
-            bench._row("onnx-int8", _timed_report(fast))]
+    rows = [bench.row("onnx-float", _timed_report(steady, precision="float")),
+            bench.row("onnx-int8", _timed_report(fast))]
     by = {r["name"]: r for r in rows}
     assert by["onnx-int8"]["latency_b1_p50_ms"] > by["onnx-float"]["latency_b1_p50_ms"]  # the median misleads
     assert by["onnx-int8"]["latency_b1_rank_ms"] < by["onnx-float"]["latency_b1_rank_ms"]
@@ -197,25 +200,23 @@ def test_the_table_ranks_by_the_quiet_level_not_the_median():
     assert lines[2].split("|")[2].strip() == "onnx-int8"
 
 
-def test_other_load_sees_a_busy_neighbour_and_the_table_warns():
-    """A real CPU-burning process beside a sleeping block counts as about one busy CPU."""
-    import subprocess
-    import sys
-
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.3)  # let it start
-        with latency.OtherLoad() as other:
-            time.sleep(1.0)  # this process does nothing: whatever is busy is someone else
-    finally:
-        burner.kill()
-        burner.wait()
-    assert other.cpus is not None and other.cpus > 0.6
+def test_other_load_arithmetic_and_the_table_warns():
+    """Machine busy seconds less our own, over the wall time; /proc/stat's steal counts as busy."""
+    #          user nice system idle iowait irq softirq steal
+    line = "cpu  300  0    100    900  50     0   0       100 0 0"
+    assert latency.busy_seconds(line, 100) == pytest.approx(5.0)  # 500 busy ticks; idle/iowait are not
+    assert latency.busy_seconds("intr 1 2 3", 100) is None
+    assert latency.other_cpus(busy=3.0, own=1.0, wall=2.0) == pytest.approx(1.0)
+    assert latency.other_cpus(busy=0.5, own=1.0, wall=2.0) == 0.0  # never negative
+    assert latency.other_cpus(busy=None, own=1.0, wall=2.0) is None
+    with latency.OtherLoad() as other:  # the real probe: a number where /proc/stat exists
+        time.sleep(0.05)
+    assert other.cpus is None or other.cpus >= 0.0
     row = {"name": "a", "device": "host", "target": None, "precision": None, "runtime": None, "size_bytes": None,
            "accuracy": None, "agreement": None, "latency_b1_p50_ms": 0.1, "latency_b1_p90_ms": None,
            "latency_big_p50_ms": None, "latency_big_key": None, "gates_passed": None}
-    assert latency.other_load_is_high(other.cpus, ncpu=2)  # this 2-core box with one busy neighbour
-    assert not latency.other_load_is_high(other.cpus, ncpu=64)  # the same neighbour on a big host
+    assert latency.other_load_is_high(1.0, ncpu=2)  # a 2-core box with one busy neighbour
+    assert not latency.other_load_is_high(1.0, ncpu=64)  # the same neighbour on a big host
     assert "**Warning:** other processes kept 100.00 CPUs" in bench.render_table([row], [], 100.0)
     assert "Other processes while timing: 0.05 CPUs" in bench.render_table([row], [], 0.05)
     assert "Other processes" not in bench.render_table([row], [], None)
@@ -248,39 +249,27 @@ def test_merge_import_adds_device_rows(tmp_path):
     assert set(json.loads(paths["json"].read_text())["pareto_front"]) == {"tflite-int8", "tflite-float"}
 
 
-def _bench_deploy():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_deploy.py"
-    spec = importlib.util.spec_from_file_location("bench_deploy", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_paired_verdict_slower_faster_and_tie_against_the_aa_control():
     """A 3% slower choice is 'slower', 3% faster is 'faster', identical work is a tie."""
-    B = _bench_deploy()
     rng = np.random.default_rng(1)
     hand = rng.normal(0.1, 0.002, 60)  # drifting per-round p50s
     slow_runtime = hand * 1.5          # the other runtime, never the best
     aa = hand * rng.normal(1, 0.004, 60)
     noisy = hand * rng.normal(1, 0.004, 60)
-    assert B.paired_verdict(hand * 1.03, hand, slow_runtime, aa, slow_runtime)["verdict"] == "slower"
-    assert B.paired_verdict(hand * 0.97, hand, slow_runtime, aa, slow_runtime)["verdict"] == "faster"
-    v = B.paired_verdict(noisy, hand, slow_runtime, aa, slow_runtime)
+    assert latency.paired_verdict(hand * 1.03, hand, slow_runtime, aa, slow_runtime)["verdict"] == "slower"
+    assert latency.paired_verdict(hand * 0.97, hand, slow_runtime, aa, slow_runtime)["verdict"] == "faster"
+    v = latency.paired_verdict(noisy, hand, slow_runtime, aa, slow_runtime)
     assert v["verdict"] == "tie" and v["never_slower"]
     lo, hi = v["ratio_ci95"]
     assert lo <= v["ratio_median"] <= hi and 0.98 < lo and hi < 1.02
-    json.dumps(v)  # the results file takes it as is
+    assert json.loads(json.dumps(v)) == v  # the results file takes it as is
 
 
 def test_rows_from_an_older_bench_json_rank_and_plot_by_their_p50(tmp_path):
     """bench.json written before kdens bench kept rounds has no ranking key: p50 stands in."""
     old = []
     for name, p50 in (("b", 0.2), ("a", 0.1)):
-        row = bench._row(name, _report(b1=(p50, 2 * p50)))
+        row = bench.row(name, _report(b1=(p50, 2 * p50)))
         del row["latency_b1_rank_ms"], row["latency_b1_quiet_p50_ms"], row["latency_b1_rounds_p50_ms"]
         old.append(row)
     lines = bench.render_table(old, ["a"]).splitlines()

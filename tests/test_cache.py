@@ -128,8 +128,11 @@ def test_plain_miss_and_hit_do_not_warn(tmp_path):
     teacher = CountingTeacher().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_or_load(tmp_path, KEY, _x(), teacher, progress=False)
-        build_or_load(tmp_path, KEY, _x(), teacher, progress=False)
+        _, miss = build_or_load(tmp_path, KEY, _x(), teacher, progress=False)
+        calls = teacher.calls
+        _, hit = build_or_load(tmp_path, KEY, _x(), teacher, progress=False)
+    assert miss["reused"] is False and calls >= 1
+    assert hit["reused"] is True and teacher.calls == calls  # the hit never ran the teacher
 
 
 def test_bad_teacher_and_inputs(tmp_path):

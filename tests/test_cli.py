@@ -3,7 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from kdens.cli import cli
+from kdens.app.cli import cli
 
 GEN_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
 

@@ -24,7 +24,7 @@ from kdens.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # max |w_ddp - w_single| after 3 epochs (measured 4.5e-8): float32 summation order only
-LAUNCH = "import sys; from kdens.cli_distill import distill; distill(sys.argv[1:], prog_name='kdens distill')\n"
+LAUNCH = "import sys; from kdens.app.cli_distill import distill_cmd; distill_cmd(sys.argv[1:], prog_name='kdens distill')\n"
 
 
 def _even_fraction(y: np.ndarray) -> float:
@@ -37,7 +37,7 @@ def _even_fraction(y: np.ndarray) -> float:
 
 
 def test_two_ranks_match_one_process(tmp_path, digits):
-    from kdens import generalist
+    from generalist import stage as generalist
 
     teacher = generalist.run(build(GeneralistConfig, {"model": "mlp", "model_args": {"hidden": [32]},
                                                       "epochs": 3, "batch_size": 64}),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kdens.cli import cli
+from kdens.app.cli import cli
 
 
 @pytest.fixture(scope="module")

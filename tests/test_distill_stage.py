@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from distill.config import DistillConfig
 from kdens.artifacts import sha256_file
-from kdens.cli import _Group
-from kdens.cli_distill import distill
+from kdens.app.cli import KdensGroup
+from kdens.app.cli_distill import distill_cmd as distill
 from kdens.config import GeneralistConfig, build
 from kdens.errors import ConfigError
 from kdens.models import load_model
@@ -24,7 +24,7 @@ STUDENT = ["--model", "mlp", "--model-arg", "hidden=32", "--epochs", "4", "--bat
 
 
 def _cli():
-    group = _Group()  # the kdens group's error handling (KdensError -> exit 2), without relying on registration
+    group = KdensGroup()  # the kdens group's error handling (KdensError -> exit 2), without relying on registration
     group.add_command(distill)
     return group
 
@@ -40,7 +40,7 @@ def _json(path: Path):
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """Two digits generalists (seeds 0, 1) and a hard-label baseline with the students' shape."""
-    from kdens import generalist
+    from generalist import stage as generalist
 
     root = tmp_path_factory.mktemp("distill")
     out = {}
@@ -95,7 +95,7 @@ def test_student_files_metrics_and_cache(runs, tmp_path):
     want = torch.log_softmax(predict_logits(teacher, data.x_train), 1).numpy()
     np.testing.assert_allclose(np.load(cache / "logits.npy"), want, atol=1e-5)
     # `kdens evaluate` reads the student back
-    from kdens.evaluate import evaluate_run
+    from kdens.app.stages import evaluate_run
 
     assert evaluate_run(out)["test_errors"] == m["test_errors"]
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from ensembles.config import EnsembleConfig, parse_member_spec
 from kdens import metrics as M
 from kdens.artifacts import sha256_file
-from kdens.cli import _Group, evaluate
-from kdens.cli_ensemble import train_ensemble
+from kdens.app.cli import KdensGroup, evaluate
+from kdens.app.cli_ensemble import train_ensemble
 from kdens.config import build
 from kdens.errors import ConfigError
 from kdens.models import load_model
@@ -29,7 +29,7 @@ TIMING = ("train_seconds",)
 
 
 def _cli():
-    group = _Group()  # the kdens group's error handling (KdensError -> exit 2), without relying on registration
+    group = KdensGroup()  # the kdens group's error handling (KdensError -> exit 2), without relying on registration
     group.add_command(train_ensemble)
     group.add_command(evaluate)
     return group
@@ -122,7 +122,7 @@ def test_files_metrics_and_manifest(ens, digits):
 
 
 def test_a_member_is_the_generalist_of_its_seed(ens, tmp_path):
-    from kdens.cli import train_generalist
+    from kdens.app.cli_generalist import train_generalist
 
     group = _cli()
     group.add_command(train_generalist)
@@ -185,7 +185,7 @@ class _Interrupt(Exception):
 def test_interrupted_member_resumes_and_finished_ones_are_kept(ens, tmp_path, monkeypatch, digits):
     import torch.nn.functional as F
 
-    import kdens.generalist as gen_mod
+    import kdens.runs as gen_mod
 
     real_fit = gen_mod.fit
     trained = []

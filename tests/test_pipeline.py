@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kdens.cli import cli
+from kdens.app.cli import cli
 from kdens.errors import GateFailed
-from kdens.pipeline import STATE, run_pipeline
-from kdens.plan import load_plan
+from kdens.app.pipeline import STATE, run_pipeline
+from kdens.app.plan import load_plan
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -36,7 +36,6 @@ epochs = 3
 batch_size = 64
 [deploy]
 targets = ["onnx:float"]
-threads = 1
 batch_sizes = [1]
 {gate}
 [bench]
@@ -96,14 +95,20 @@ def test_second_run_reuses_everything(first):
                                                                     before.items()}
 
 
-def test_a_moved_experiment_is_still_reused(first, tmp_path):
+def test_a_moved_experiment_on_another_machine_is_still_reused(first, tmp_path, monkeypatch):
+    """Another folder, another core count (the deploy's default threads), another home: all reused."""
     import shutil
+
+    from deploy import common
 
     _, config, out, _, _ = first
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
+    monkeypatch.setattr(common, "all_cores", lambda: 7)
+    monkeypatch.setenv("HOME", str(tmp_path / "other-home"))
+    assert common.DeployOptions().thread_counts() == (1, 7)
     lines, _ = _run(config, moved)
-    assert set(_status(lines).values()) == {"reused"}
+    assert set(_status(lines).values()) == {"reused"}, lines
 
 
 def test_changed_student_redoes_it_and_everything_downstream_only(first, tmp_path):
@@ -181,8 +186,6 @@ def test_the_readme_main_job(tmp_path, monkeypatch):
     import time
 
     root = Path(__file__).resolve().parents[1]
-    # the tflite-runtime cross-check venv is shared with tests/test_deploy_tflite.py
-    monkeypatch.setenv("KDENS_TFLITE_RUNTIME_VENV", str(root / ".venv-tflite"))
     plan = load_plan(root / "examples" / "digits.toml", out=tmp_path / "digits")
     t0 = time.time()
     run_pipeline(plan, progress=False, log=lambda line: None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kdens.errors import ConfigError
-from kdens.plan import build_plan, load_plan
+from kdens.app.plan import build_plan, load_plan
 
 
 def _doc(**extra) -> dict:
@@ -32,7 +32,7 @@ def test_default_plan_orders_and_wires_stages(tmp_path):
     assert plan.stage("specialists").config.generalist == str(tmp_path / "exp" / "generalist")
     base = plan.stage("baseline:s").config
     assert base.model_args == {"hidden": [8]} and base.train.epochs == 2 and base.data == "digits"
-    assert plan.stage("deploy:onnx-int8").config["opts"].quantize == "int8"
+    assert plan.stage("deploy:onnx-int8").config.opts.quantize == "int8"
     assert plan.stage("bench").needs == ["deploy:onnx-int8", "deploy:tflite-float"]
 
 
@@ -97,9 +97,10 @@ def test_from_accepts_names_and_kinds(tmp_path):
 
 def test_ints_in_toml_become_option_lists(tmp_path):
     plan = build_plan(_doc(deploy={"threads": 1, "batch_sizes": [1, 8]}, bench={"threads": [1, 2]}), out=tmp_path)
-    assert plan.stage("deploy:onnx-int8").config["opts"].threads == (1,)
-    assert plan.stage("deploy:onnx-int8").config["opts"].batch_sizes == (1, 8)
-    assert plan.stage("bench").config == {"threads": "1,2", "batch_sizes": "1,32"}
+    assert plan.stage("deploy:onnx-int8").config.opts.threads == (1,)
+    assert plan.stage("deploy:onnx-int8").config.opts.batch_sizes == (1, 8)
+    bench = plan.stage("bench").config
+    assert (bench.threads, bench.batch_sizes, bench.measure) == ("1,2", "1,32", True)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.toml")),

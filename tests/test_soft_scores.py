@@ -1,6 +1,6 @@
 """Soft targets at T: faithful ensemble targets (mean of softened members), in the cache and online.
 
-DESIGN.md: "Soft targets are the arithmetic mean of the members' softmax(z/T), or the
+docs/architecture.md: "Soft targets are the arithmetic mean of the members' softmax(z/T), or the
 geometric mean (softmax of the mean log-probabilities / T), renormalized". The loss
 softens the scores it gets as softmax(s / T); these tests check that what the teachers
 hand it gives exactly those targets, computed here independently from each member's
@@ -36,7 +36,7 @@ def _json(path: Path):
 def runs(tmp_path_factory):
     """Two digits generalists (seeds 0, 1), and a 3-member arithmetic and geometric ensemble."""
     from ensembles import stage as ens_stage
-    from kdens import generalist
+    from generalist import stage as generalist
 
     root = tmp_path_factory.mktemp("soft")
     out = {}

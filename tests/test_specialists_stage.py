@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 
 import specialists.train as spec_train
-from kdens import generalist as gen_stage
+from generalist import stage as gen_stage
 from kdens import metrics as M
 from kdens.artifacts import sha256_file
-from kdens.cli import _Group, evaluate
-from kdens.cli_specialists import train_specialists
+from kdens.app.cli import KdensGroup, evaluate
+from kdens.app.cli_specialists import train_specialists
 from kdens.config import GeneralistConfig, build
 from kdens.errors import ConfigError, DataError
 from kdens.models import load_model
@@ -41,7 +41,7 @@ def _one_thread():
 
 
 def _cli():
-    group = _Group()  # the kdens group's error handling (KdensError -> exit 2), without relying on registration
+    group = KdensGroup()  # the kdens group's error handling (KdensError -> exit 2), without relying on registration
     group.add_command(train_specialists)
     group.add_command(evaluate)
     return group
@@ -288,7 +288,7 @@ def test_teacher_interface(run, gen, digits):
     t = load_teacher(str(run))
     assert isinstance(t, SpecialistsTeacher) and t.stage == "specialists"
     assert t.num_classes == 10 and t.input_shape == (1, 8, 8) and t.class_names == digits.class_names
-    assert t.data_config == {"data": "digits", "val_fraction": 0.1, "split_seed": 0}
+    assert t.data_config == {"data": "digits", "val_fraction": 0.1, "split_seed": 0, "train_fraction": 1.0}
     assert t.data_fingerprint == digits.fingerprint and len(t.manifest_hashes) == 4
     assert t.manifest_hashes[:2] == [sha256_file(run / "manifest.json"), sha256_file(gen / "manifest.json")]
     x = torch.as_tensor(digits.x_test)

@@ -1,4 +1,4 @@
-"""``kdens run`` and ``kdens report``: thin click wrappers over kdens.plan / kdens.pipeline / kdens.report."""
+"""``kdens run`` and ``kdens report``: thin click wrappers over kdens.app.plan / kdens.app.pipeline / kdens.app.report."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from kdens.cli_common import _CONTEXT
+from kdens.app.cli_common import CONTEXT
 
 
-@click.command("run", context_settings=_CONTEXT)
+@click.command("run", context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--from", "from_stage", metavar="STAGE",
               help="Redo this stage and everything after it (a stage name, or a kind: generalist, ensemble, "
@@ -32,15 +32,15 @@ def run_cmd(config_file, from_stage, out, dry_run, quiet):
       kdens run examples/fashion-mnist.toml --from distill
       kdens run examples/digits.toml --dry-run
     """
-    from kdens.pipeline import run_pipeline
-    from kdens.plan import load_plan
+    from kdens.app.pipeline import run_pipeline
+    from kdens.app.plan import load_plan
 
     plan = load_plan(config_file, out=out)
     click.echo(f"experiment {plan.name}: {len(plan.stages)} stages -> {plan.exp_dir}")
     run_pipeline(plan, from_stage=from_stage, progress=not quiet, dry_run=dry_run, log=click.echo)
 
 
-@click.command("report", context_settings=_CONTEXT)
+@click.command("report", context_settings=CONTEXT)
 @click.argument("exp_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--html/--no-html", default=True, show_default=True,
               help="Also write report.html, one self-contained file (plots embedded).")
@@ -51,7 +51,7 @@ def report_cmd(exp_dir, html):
     Example:
       kdens report runs/fm
     """
-    from kdens.report import write_report
+    from kdens.app.report import write_report
 
     path = write_report(exp_dir, html=html)
     click.echo(f"report: {path}" + (f" and {path.with_suffix('.html')}" if html else ""))

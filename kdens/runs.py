@@ -1,21 +1,26 @@
-"""Stage ``train-generalist``: one model trained on hard labels; a teacher like any other."""
+"""Run folders as the stages share them: guarding a folder, fingerprinting a run, training one
+model into a folder, and answering "what data did this run use" from a manifest.
+
+Spine code: every stage may call it, and it imports no stage.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from kdens import metrics as M
-from kdens.artifacts import MANIFEST, atomic_write_json, write_manifest
-from kdens.config import GeneralistConfig, to_dict
-from kdens.data import Dataset, load_dataset, stratified_subset
+from kdens.artifacts import MANIFEST, atomic_write_json
+from kdens.data import Dataset, load_dataset
 from kdens.errors import ArtifactError
+from kdens.evaluate import evaluate_model
 from kdens.models import build_model, count_params, model_spec, save_model
-from kdens.train import CHECKPOINT, TrainConfig, fit, predict_logits
+from kdens.train import CHECKPOINT, TrainConfig, fit
+
+DATA_DEFAULTS = {"data": "digits", "val_fraction": 0.1, "split_seed": 0, "train_fraction": 1.0}
+"""The settings that decide which examples a run saw, with the defaults of runs that predate them."""
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool, what: str) -> None:
@@ -41,12 +46,36 @@ def run_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def data_config(manifest: dict) -> dict:
+    """The data settings a run used: ``data``, ``val_fraction``, ``split_seed``, ``train_fraction``.
+
+    Stages record them as ``data_config`` in their manifest; runs that did not (single-model
+    runs keep them in ``config``) are read from their config with the defaults they ran with.
+    """
+    cfg = manifest.get("data_config") or manifest.get("config") or {}
+    return {k: default if cfg.get(k) is None else cfg[k] for k, default in DATA_DEFAULTS.items()}
+
+
+def run_data(manifest: dict) -> Dataset:
+    """The dataset a run was trained on, checked against the fingerprint in its manifest."""
+    cfg = data_config(manifest)
+    data = load_dataset(cfg["data"], val_fraction=cfg["val_fraction"], split_seed=cfg["split_seed"])
+    recorded = manifest.get("data_fingerprint")
+    if recorded is not None and data.fingerprint != recorded:
+        raise ArtifactError(
+            f"the data behind {cfg['data']!r} changed since this run was made "
+            f"(fingerprint {data.fingerprint[:12]} != {str(recorded)[:12]}); retrain"
+        )
+    return data
+
+
 def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict, train: TrainConfig,
                 *, x=None, y=None, resume: bool = False, progress: bool = True, desc: str = "generalist",
                 extra_key=None) -> tuple[object, dict, dict]:
     """Train one supervised model into ``run_dir`` (weights, metrics, history; no manifest).
 
-    Shared by the generalist stage and ensemble members. Returns (model, spec, metrics).
+    Shared by the generalist stage, hard-label baselines and ensemble members. Returns
+    (model, spec, metrics).
     """
     x = data.x_train if x is None else x
     y = data.y_train if y is None else y
@@ -65,38 +94,3 @@ def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict,
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_json(run_dir / "history.json", result.history)
     return model, spec, metrics
-
-
-def evaluate_model(model, data: Dataset, batch_size: int = 2048) -> dict:
-    """Test and validation metrics of a model on a dataset (the keys every metrics.json has)."""
-    test = predict_logits(model, data.x_test, batch_size).numpy()
-    out = {"test_accuracy": M.accuracy(test, data.y_test), "test_errors": M.errors(test, data.y_test),
-           "test_nll": M.nll(test, data.y_test), "test_ece": M.ece(test, data.y_test)}
-    if len(data.y_val):
-        val = predict_logits(model, data.x_val, batch_size).numpy()
-        out.update(val_accuracy=M.accuracy(val, data.y_val), val_nll=M.nll(val, data.y_val))
-    else:
-        out.update(val_accuracy=float("nan"), val_nll=float("nan"))
-    return out
-
-
-def run(cfg: GeneralistConfig, run_dir: Path, *, resume: bool = False, force: bool = False,
-        progress: bool = True) -> Path:
-    """Train the generalist described by ``cfg`` into ``run_dir`` and return the folder."""
-    t0 = time.time()
-    run_dir = Path(run_dir)
-    # Validate everything that can fail on bad input before the first write.
-    data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    build_model(cfg.model, data.num_classes, data.input_shape, **cfg.model_args)
-    prepare_run_dir(run_dir, resume, force, "generalist")
-    x, y = data.x_train, data.y_train
-    if cfg.train_fraction < 1.0:
-        keep = stratified_subset(y, cfg.train_fraction, cfg.split_seed)
-        x, y = x[keep], y[keep]
-    _, _, metrics = train_model(run_dir, data, cfg.model, cfg.model_args, cfg.train, x=x, y=y,
-                                resume=resume, progress=progress)
-    write_manifest(run_dir, stage="generalist", config=to_dict(cfg), data_fingerprint=data.fingerprint,
-                   seed=cfg.train.seed, wall_seconds=round(time.time() - t0, 3), metrics=metrics,
-                   extra={"data": data.describe()})
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the manifest and weights supersede it
-    return run_dir

@@ -1,6 +1,7 @@
 """The ``kdens`` command line: parse, build a config, call one stage, print a summary.
 
-Only this module imports every stage. Library errors (``KdensError``) become one line on
+Stage commands live one file per stage (``cli_<stage>.py``) and are registered from the
+stage table (``kdens.app.stages``). Library errors (``KdensError``) become one line on
 stderr and exit code 2; a failed deploy gate exits 1.
 """
 
@@ -12,12 +13,11 @@ from pathlib import Path
 import click
 
 from kdens import __version__
-from kdens.cli_common import (_CONTEXT, _RUN_KEYS, _layers, _print_metrics, data_options,  # noqa: F401
-                               model_options, run_options, train_options)
+from kdens.app.cli_common import CONTEXT
 from kdens.errors import GateFailed, KdensError
 
 
-class _Group(click.Group):
+class KdensGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -29,7 +29,7 @@ class _Group(click.Group):
             ctx.exit(2)
 
 
-@click.group(cls=_Group, context_settings=_CONTEXT)
+@click.group(cls=KdensGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="kdens")
 def cli():
     """kdens: distill an ensemble or generalist+specialists into one small student, and ship it.
@@ -51,33 +51,7 @@ def cli():
 
 # ------------------------------------------------------------------ commands
 
-@cli.command("train-generalist", context_settings=_CONTEXT)
-@data_options
-@model_options
-@click.option("--train-fraction", type=click.FloatRange(0, 1, min_open=True),
-              help="Train on a seeded, class-stratified fraction of the training split [1.0].")
-@train_options
-@run_options
-def train_generalist(**flags):
-    """Train a generalist teacher on hard labels.
-
-    \b
-    Example:
-      kdens train-generalist --data fashion-mnist --model mlp --model-arg hidden=1200,1200 \\
-          --model-arg dropout=0.5 --model-arg input_dropout=0.2 --jitter 2 --epochs 30 \\
-          --out runs/fm/generalist
-    """
-    from kdens import generalist
-    from kdens.config import GeneralistConfig, build
-
-    opts = {k: flags[k] for k in _RUN_KEYS}
-    file_layer, flag_layer, out = _layers(opts["config_file"], ("train-generalist", "generalist"), dict(flags))
-    cfg = build(GeneralistConfig, file_layer, flag_layer)
-    run_dir = generalist.run(cfg, out, resume=opts["resume"], force=opts["force"], progress=not opts["quiet"])
-    _print_metrics(run_dir)
-
-
-@cli.command("evaluate", context_settings=_CONTEXT)
+@cli.command("evaluate", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the JSON here.")
 def evaluate(run_dir: Path, out: Path | None):
@@ -87,7 +61,7 @@ def evaluate(run_dir: Path, out: Path | None):
     Example:
       kdens evaluate runs/d/generalist --out eval.json
     """
-    from kdens.evaluate import evaluate_run
+    from kdens.app.stages import evaluate_run
 
     result = evaluate_run(run_dir)
     text = json.dumps(result, indent=2)
@@ -98,19 +72,12 @@ def evaluate(run_dir: Path, out: Path | None):
 
 
 def _register() -> None:
-    # Stage commands live beside this module (one file per stage keeps each small); they
-    # import their stage lazily, so `kdens --help` stays fast.
-    from kdens.cli_deploy import bench_cmd, deploy
-    from kdens.cli_distill import distill
-    from kdens.cli_ensemble import train_ensemble
-    from kdens.cli_pipeline import report_cmd, run_cmd
-    from kdens.cli_specialists import train_specialists
+    from kdens.app.cli_pipeline import report_cmd, run_cmd
+    from kdens.app.stages import STAGES
 
-    cli.add_command(train_ensemble)
-    cli.add_command(train_specialists)
-    cli.add_command(distill)
-    cli.add_command(deploy)
-    cli.add_command(bench_cmd)
+    for kind in STAGES.values():
+        if kind.command is not None and kind.command.name not in cli.commands:
+            cli.add_command(kind.command)
     cli.add_command(run_cmd)
     cli.add_command(report_cmd)
 

@@ -22,19 +22,18 @@ File shape (every table but ``[data]`` and one teacher is optional)::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdens.config import GeneralistConfig, build, load_toml, to_dict
+from kdens.app.stages import STAGES
+from kdens.config import build, load_toml, to_dict
 from kdens.errors import ConfigError
 
 TOP_KEYS = ("name", "out", "pythonpath", "data", "generalist", "ensemble", "specialists", "distill",
             "deploy", "bench", "report")
-KINDS = ("generalist", "ensemble", "specialists", "baseline", "student", "deploy", "bench")
 TEACHER_STAGES = ("generalist", "ensemble", "specialists")
 _DATA_KEYS = ("data", "val_fraction", "split_seed")
 _STUDENT_ONLY = ("teacher", "temperature", "alpha", "loss", "transfer", "fix_bias", "baseline", "cache_dir",
@@ -50,7 +49,7 @@ class Stage:
     name: str
     """Unique name: generalist, ensemble, specialists, baseline:<student>, <student>, deploy:<t>-<p>, bench."""
     kind: str
-    """One of KINDS."""
+    """A kind of ``kdens.app.stages.STAGES`` (generalist, baseline, ensemble, ..., bench)."""
     dir: str
     """Its folder, relative to the experiment folder."""
     config: Any
@@ -61,10 +60,7 @@ class Stage:
     """What the report needs to know (teacher / baseline / student names, target, precision)."""
 
     def config_dict(self) -> dict:
-        cfg = self.config
-        if dataclasses.is_dataclass(cfg):
-            return to_dict(cfg)
-        return {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in cfg.items()}
+        return to_dict(self.config)
 
 
 @dataclass
@@ -150,21 +146,18 @@ def build_plan(doc: dict, *, name_default: str = "experiment", out: Path | None 
 
     gen = _table(doc, "generalist")
     if gen is not None:
-        stages.append(Stage("generalist", "generalist", "generalist", _build(GeneralistConfig, "generalist", data, gen)))
+        stages.append(Stage("generalist", "generalist", "generalist",
+                            _build(STAGES["generalist"].config, "generalist", data, gen)))
     ens = _table(doc, "ensemble")
     if ens is not None:
-        from ensembles.config import EnsembleConfig
-
-        stages.append(Stage("ensemble", "ensemble", "ensemble", _build(EnsembleConfig, "ensemble", data, ens)))
+        stages.append(Stage("ensemble", "ensemble", "ensemble", _build(STAGES["ensemble"].config, "ensemble", data, ens)))
     spec = _table(doc, "specialists")
     if spec is not None:
-        from specialists.config import SpecialistsConfig
-
         if gen is None:
             raise ConfigError("[specialists] needs a [generalist] table: specialists start from its weights")
         if "generalist" in spec:
             raise ConfigError("[specialists] takes its generalist from the [generalist] table; remove 'generalist'")
-        cfg = _build(SpecialistsConfig, "specialists", {}, {"generalist": where("generalist"), **spec})
+        cfg = _build(STAGES["specialists"].config, "specialists", {}, {"generalist": where("generalist"), **spec})
         stages.append(Stage("specialists", "specialists", "specialists", cfg, needs=["generalist"]))
     teachers = [s.name for s in stages]
     if not teachers:
@@ -185,8 +178,6 @@ def _build(cls, where: str, data: dict, table: dict):
 
 
 def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], where) -> list[str]:
-    from distill.config import DistillConfig
-
     raw = doc.get("distill")
     if raw is None:
         return []
@@ -213,7 +204,7 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
         baseline_name = baseline_dir = None
         if want_baseline:
             hard = {k: v for k, v in table.items() if k not in _STUDENT_ONLY}
-            cfg = _build(GeneralistConfig, f"distill {base} (baseline)", data, hard)
+            cfg = _build(STAGES["baseline"].config, f"distill {base} (baseline)", data, hard)
             # students of one architecture and recipe (other teachers or T) share one baseline
             same = [s for s in stages if s.kind == "baseline" and s.config_dict() == to_dict(cfg)]
             if same:
@@ -228,7 +219,7 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
                      "cache_dir": where("soft_targets")}
             if baseline_dir:
                 layer["baseline"] = where(baseline_dir)
-            cfg = _build(DistillConfig, f"distill {name}", {}, layer)
+            cfg = _build(STAGES["student"].config, f"distill {name}", {}, layer)
             stages.append(Stage(name, "student", f"students/{name}", cfg,
                                 needs=needs + ([baseline_name] if baseline_name else []),
                                 info={"teacher": teacher, "baseline": baseline_name}))
@@ -262,10 +253,6 @@ def _unique(name: str, stages: list[Stage]) -> None:
 
 
 def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
-    from deploy.common import DeployOptions, tflite_runtime_venv
-    from deploy.fpga_precision import parse_sweep
-    from deploy.stage import precision_tag
-
     table = _table(doc, "deploy")
     if table is None:
         if doc.get("bench") is not None:
@@ -285,50 +272,39 @@ def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
         raise ConfigError(f"[deploy] unknown key(s) {', '.join(unknown)}; valid: student, targets, "
                           f"{', '.join(_DEPLOY_KEYS)}")
     fpga_only = {k: table.pop(k) for k in ("min_agreement", "sweep") if k in table}
-    if "sweep" in fpga_only:
-        try:
-            fpga_only["sweep"] = parse_sweep(fpga_only["sweep"])
-        except ConfigError as e:
-            raise ConfigError(f"[deploy] {e}") from None
     for key in ("threads", "batch_sizes"):  # TOML users write 1 or [1, 32]; the options take "1,32"
         if key in table:
             table[key] = _ints_text(table[key])
-    table["tflite_runtime_venv"] = tflite_runtime_venv(table.get("tflite_runtime_venv"))
     deploy_names = []
     for spec in targets:
         target, _, precision = str(spec).partition(":")
-        if target not in ("onnx", "tflite", "fpga"):
-            raise ConfigError(f"[deploy] target {spec!r}: unknown target {target!r}; valid: onnx, tflite, fpga "
-                              "(e.g. 'onnx:int8', 'tflite:float', 'fpga:ap_fixed<16,6>')")
-        opts_kw = dict(table)
+        opts = dict(table)
         fpga_precision = None
         if target == "fpga":
             fpga_precision = precision or None
         else:
             quantize = {"": "none", "float": "none"}.get(precision, precision)
             if quantize == "int8-int8io":
-                quantize, opts_kw["io"] = "int8", "int8"
-            opts_kw["quantize"] = quantize
+                quantize, opts["io"] = "int8", "int8"
+            opts["quantize"] = quantize
         try:
-            opts = DeployOptions(**opts_kw)
-            tag = precision_tag(target, opts, fpga_precision)
+            cfg = STAGES["deploy"].config(model=where(f"students/{student}"), target=target,
+                                          precision=fpga_precision, opts=opts,
+                                          **(fpga_only if target == "fpga" else {}))
         except (ConfigError, TypeError, ValueError) as e:
-            raise ConfigError(f"[deploy] target {spec!r}: {e}") from None
-        name = f"deploy:{target}-{tag}"
+            raise ConfigError(f"[deploy] target {spec!r}: {e} "
+                              "(targets look like 'onnx:int8', 'tflite:float', 'fpga:ap_fixed<16,6>')") from None
+        name = f"deploy:{cfg.folder_name()}"
         _unique(name, stages)
-        cfg = {"model_dir": where(f"students/{student}"), "target": target, "precision": fpga_precision,
-               "opts": opts, **(fpga_only if target == "fpga" else {})}
-        stages.append(Stage(name, "deploy", f"deploy/{target}-{tag}", cfg, needs=[student],
-                            info={"student": student, "target": target, "precision": tag}))
+        stages.append(Stage(name, "deploy", f"deploy/{cfg.folder_name()}", cfg, needs=[student],
+                            info={"student": student, "target": target, "precision": cfg.precision_tag()}))
         deploy_names.append(name)
-    bench = _table(doc, "bench")
-    bench = {"threads": "1", "batch_sizes": "1,32", **({k.replace("-", "_"): v for k, v in bench.items()}
-                                                        if bench else {})}
-    bench = {k: _ints_text(v) for k, v in bench.items()}
+    bench = {k.replace("-", "_"): v for k, v in (_table(doc, "bench") or {}).items()}
     if set(bench) - {"threads", "batch_sizes"}:
         raise ConfigError(f"[bench] unknown key(s) {sorted(set(bench) - {'threads', 'batch_sizes'})}; "
                           "valid: threads, batch_sizes")
-    stages.append(Stage("bench", "bench", "deploy", bench, needs=deploy_names))
+    stages.append(Stage("bench", "bench", "deploy", _build(STAGES["bench"].config, "bench", {}, bench),
+                        needs=deploy_names))
 
 
 def _ints_text(value) -> str:

@@ -1,18 +1,13 @@
-"""``kdens train-specialists``: the command line of the specialists stage (registered in kdens/cli.py).
-
-``kdens evaluate`` knows ``specialists`` and ``specialist`` folders through kdens.evaluate.EVALUATORS.
-"""
+"""``kdens train-specialists``: the command line of the specialists stage."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from kdens.cli_common import _CONTEXT, _RUN_KEYS, _layers, run_options, train_options
+from kdens.app.cli_common import CONTEXT, RUN_KEYS, layers, run_options, train_options
 
 
-@click.command("train-specialists", context_settings=_CONTEXT)
+@click.command("train-specialists", context_settings=CONTEXT)
 @click.option("--generalist", type=str, metavar="RUN", help="Folder of a finished kdens train-generalist run.")
 @click.option("--clusters", type=click.IntRange(min=1), metavar="K",
               help="k-means clusters of the classes; groups of one class get no specialist.")
@@ -48,13 +43,14 @@ def train_specialists(**flags):
       kdens train-specialists --generalist runs/d/generalist --groups "3,5,8;1,7" --out runs/d/spec
       kdens evaluate runs/fm/specialists
     """
+    from kdens.artifacts import read_json
     from kdens.config import build
     from specialists.config import SpecialistsConfig
     from specialists.stage import pending_specialists, run
 
-    opts = {k: flags[k] for k in _RUN_KEYS}
+    opts = {k: flags[k] for k in RUN_KEYS}
     rank, world = flags.pop("rank"), flags.pop("world_size")
-    file_layer, flag_layer, out = _layers(opts["config_file"], ("train-specialists", "specialists"), dict(flags))
+    file_layer, flag_layer, out = layers(opts["config_file"], ("train-specialists", "specialists"), dict(flags))
     cfg = build(SpecialistsConfig, file_layer, flag_layer)
     run_dir = run(cfg, out, resume=opts["resume"], force=opts["force"], progress=not opts["quiet"],
                   rank=rank, world_size=world)
@@ -63,7 +59,7 @@ def train_specialists(**flags):
         click.echo(f"{run_dir}: this rank's specialists are done; waiting for {waiting} (the call that "
                    "finishes the last one writes metrics.json and manifest.json)")
         return
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m = read_json(run_dir / "metrics.json")
     for g, names in zip(m["groups"], m["group_class_names"]):
         click.echo(f"group {g}: {', '.join(names)}")
     cov = m["covered"]

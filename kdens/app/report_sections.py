@@ -1,7 +1,7 @@
 """The report's result sections, each built from the run folders of one kind of stage.
 
-Every builder takes the :class:`~kdens.report_data.Experiment` and a :class:`Figures`
-sink and returns a :class:`~kdens.report_render.Section`, or None when the stages it
+Every builder takes the :class:`~kdens.app.report_data.Experiment` and a :class:`Figures`
+sink and returns a :class:`~kdens.app.report_render.Section`, or None when the stages it
 describes are absent (or none of them finished), so the report simply leaves it out.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 from kdens import metrics as M
 from kdens.artifacts import MANIFEST, atomic_write_json, sha256_file
 from kdens.errors import KdensError
-from kdens.report_data import DataCache, Experiment, StageView, count, fmt, maybe_json, pct, test_scores, total_params
-from kdens.report_plots import plot_confusion, plot_training_curves
-from kdens.report_render import Code, Gallery, Image, Para, Section, Table
+from kdens.app.report_data import DataCache, Experiment, StageView, count, fmt, maybe_json, pct, test_scores, total_params
+from kdens.app.report_plots import plot_confusion, plot_training_curves
+from kdens.app.report_render import Code, Gallery, Image, Para, Section, Table
 
 FIG_DIR = "report"
 

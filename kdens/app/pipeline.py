@@ -9,23 +9,23 @@ the keys of everything downstream, so invalidation follows the data. ``--from ST
 forces a redo from that stage on. A stage interrupted mid-way (its key recorded as
 running, no manifest yet) is continued with the stage's own ``resume``.
 
-With ``kdens/cli.py`` this is the only module that reaches every stage package; it
-imports each lazily, inside the function that runs that kind of stage.
+Stages are run through the one table of kinds, ``kdens.app.stages.STAGES``; every kind
+honours ``run(cfg, run_dir, *, resume, force, progress)``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from kdens.app.plan import Plan, Stage
+from kdens.app.stages import STAGES
 from kdens.artifacts import MANIFEST, atomic_write_json, read_json, sha256_file, to_json
 from kdens.errors import GateFailed, KdensError
-from kdens.plan import Plan, Stage
 
 STATE = "pipeline.json"
 
@@ -51,9 +51,36 @@ class Outcome:
 
 
 def product(plan: Plan, stage: Stage) -> Path:
-    """The file whose presence says the stage finished (written last by the stage)."""
-    folder = plan.exp_dir / stage.dir
-    return folder / ("bench.json" if stage.kind == "bench" else MANIFEST)
+    """The file whose presence says the stage finished: its manifest, written last."""
+    return plan.exp_dir / stage.dir / MANIFEST
+
+
+# Settings that say where or how fast a stage runs, not what it makes: left out of keys so
+# that an experiment moved to another machine (another device, another core count, another
+# home folder for the tflite-runtime venv) reuses what it finished.
+_PLACE_KEYS = {"device", "tflite_runtime_venv"}
+
+
+def normalize(value, root: Path | None):
+    """``value`` (a config as plain data) with paths inside ``root`` written ``<exp>/...``
+    and the place-only settings dropped."""
+    if isinstance(value, dict):  # keys too: external inputs are keyed by their folder
+        return {normalize(k, root): normalize(v, root) for k, v in value.items() if k not in _PLACE_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [normalize(v, root) for v in value]
+    if isinstance(value, str) and root is not None:
+        return ",".join(_relative(p, root) for p in value.split(","))  # teacher = "a,b": several folders
+    return value
+
+
+def _relative(text: str, root: Path) -> str:
+    path = Path(text)
+    if not text or not (path.is_absolute() or str(root) in text):
+        return text
+    try:
+        return str(Path("<exp>") / path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return text
 
 
 def stage_key(stage: Stage, upstream: dict[str, str | None], root: Path | None = None) -> str:
@@ -62,13 +89,9 @@ def stage_key(stage: Stage, upstream: dict[str, str | None], root: Path | None =
     Paths inside the experiment folder count relative to ``root``, so a moved (or
     ``--out``-renamed) experiment is still recognised as finished.
     """
-    cfg = stage.config_dict()
-    if isinstance(cfg.get("train"), dict):  # where a model trains does not change what it is
-        cfg["train"] = {k: v for k, v in cfg["train"].items() if k != "device"}
-    text = to_json({"kind": stage.kind, "config": cfg, "inputs": upstream})
-    if root is not None:
-        text = text.replace(json.dumps(str(root))[1:-1] + "/", "<exp>/")
-    return hashlib.sha256(text.encode()).hexdigest()
+    doc = {"kind": stage.kind, "config": normalize(stage.config_dict(), root),
+           "inputs": normalize(upstream, root)}
+    return hashlib.sha256(to_json(doc).encode()).hexdigest()
 
 
 def _external_inputs(stage: Stage) -> dict[str, str | None]:
@@ -146,8 +169,8 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
         _save(exp, doc)
         t = time.time()
         try:
-            verdict = RUNNERS[stage.kind](plan, stage, resume=decision.action == "resume",
-                                          force=decision.action == "run", progress=progress)
+            STAGES[stage.kind].run(stage.config, exp / stage.dir, resume=decision.action == "resume",
+                                   force=decision.action == "run", progress=progress)
         except GateFailed as e:
             record.update(status="gate-failed", verdict="fail", error=str(e))
             out.gate_failures.append(f"{stage.name}: {e}")
@@ -157,7 +180,7 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
             _save(exp, doc)
             raise KdensError(f"stage {stage.name} failed: {e}") from None
         else:
-            record.update(status="done", verdict=verdict)
+            record.update(status="done", verdict="pass" if stage.kind == "deploy" else None)
         record["seconds"] = round(time.time() - t, 3)
         record["manifest_sha256"] = shas[stage.name] = sha256_file(product(plan, stage))
         log(f"{label}: {record['status']} in {record['seconds']:.1f} s{_summary(plan, stage)}")
@@ -166,7 +189,7 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
         return out
     doc.update(finished=datetime.now().isoformat(timespec="seconds"), wall_seconds=round(time.time() - t0, 3))
     _save(exp, doc)
-    from kdens.report import write_report
+    from kdens.app.report import write_report
 
     out.report = write_report(exp, html=plan.html)
     log(f"report: {out.report}" + (f" and {out.report.with_suffix('.html')}" if plan.html else ""))
@@ -191,60 +214,11 @@ def _save(exp: Path, doc: dict) -> None:
 
 
 def _summary(plan: Plan, stage: Stage) -> str:
-    path = plan.exp_dir / stage.dir / "metrics.json"
-    if stage.kind == "deploy":
-        path = plan.exp_dir / stage.dir / "report.json"
+    folder = plan.exp_dir / stage.dir
+    path = folder / ("report.json" if stage.kind == "deploy" else "metrics.json")
     if not path.exists():
         return ""
-    m = json.loads(path.read_text())
-    keys = ("test_accuracy", "test_errors", "accuracy", "gap_recovered", "combined_test_accuracy")
-    shown = [f"{k}={m[k]:.4f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys
+    m = read_json(path)
+    shown = [f"{k}={m[k]:.4f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in STAGES[stage.kind].summary
              if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
     return ("  " + "  ".join(shown)) if shown else ""
-
-
-# ------------------------------------------------------------------ one function per kind of stage
-
-def _generalist(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
-    from kdens import generalist
-
-    generalist.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
-
-
-def _ensemble(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
-    from ensembles import stage as ensemble_stage
-
-    ensemble_stage.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
-
-
-def _specialists(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
-    from specialists import stage as specialists_stage
-
-    specialists_stage.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
-
-
-def _student(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
-    from distill import stage as distill_stage
-
-    distill_stage.run(stage.config, plan.exp_dir / stage.dir, resume=resume, force=force, progress=progress)
-
-
-def _deploy(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> str:
-    from deploy import stage as deploy_stage
-
-    cfg = stage.config
-    out_root = (plan.exp_dir / stage.dir).parent
-    deploy_stage.run(Path(cfg["model_dir"]), cfg["target"], cfg["opts"], out_root, precision=cfg.get("precision"),
-                     sweep=cfg.get("sweep"),
-                     min_agreement=cfg.get("min_agreement"))
-    return "pass"
-
-
-def _bench(plan: Plan, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
-    from deploy import bench_stage
-
-    bench_stage.run(plan.exp_dir / stage.dir, stage.config["threads"], stage.config["batch_sizes"])
-
-
-RUNNERS = {"generalist": _generalist, "baseline": _generalist, "ensemble": _ensemble,
-           "specialists": _specialists, "student": _student, "deploy": _deploy, "bench": _bench}

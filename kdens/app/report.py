@@ -13,7 +13,7 @@ yet run is left out.
 same sections as one self-contained page (images as base64 data URIs). Every file is
 written atomically. Usage::
 
-    from kdens.report import write_report
+    from kdens.app.report import write_report
     write_report(Path("runs/digits"), html=True)
 """
 
@@ -22,9 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdens.artifacts import atomic_write_text
-from kdens.report_data import Experiment, StageView, count, duration, fmt, num, pct, to_toml, total_params
-from kdens.report_render import Code, Para, Section, Table, to_html, to_markdown
-from kdens.report_sections import (FIG_DIR, Figures, confusion_section, curves_section, deploy_section,
+from kdens.app.report_data import Experiment, StageView, count, duration, fmt, num, pct, to_toml, total_params
+from kdens.app.report_render import Code, Para, Section, Table, to_html, to_markdown
+from kdens.app.report_sections import (FIG_DIR, Figures, confusion_section, curves_section, deploy_section,
                                    distillation_section, ensemble_section, problems, specialists_section)
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"

@@ -19,6 +19,7 @@ import numpy as np
 
 from kdens.artifacts import MANIFEST, read_json
 from kdens.errors import ArtifactError
+from kdens.runs import data_config, run_data
 
 PIPELINE = "pipeline.json"
 # a stage whose folder the report may read: finished now, reused, or kept after a failed gate
@@ -211,15 +212,9 @@ class DataCache:
         self._cache: dict[str, Any] = {}
 
     def for_manifest(self, manifest: dict):
-        from kdens.evaluate import dataset_for_run
-
-        # a specialists run keeps its generalist's data settings apart from its own config
-        cfg = manifest.get("data_config") or manifest.get("config") or {}
-        data_cfg = {"data": cfg.get("data", "digits"), "val_fraction": cfg.get("val_fraction", 0.1),
-                    "split_seed": cfg.get("split_seed", 0)}
-        key = json.dumps([data_cfg, manifest.get("data_fingerprint")], sort_keys=True)
+        key = json.dumps([data_config(manifest), manifest.get("data_fingerprint")], sort_keys=True)
         if key not in self._cache:
-            self._cache[key] = dataset_for_run({"config": data_cfg, "data_fingerprint": manifest.get("data_fingerprint")})
+            self._cache[key] = run_data(manifest)
         return self._cache[key]
 
 

@@ -1,6 +1,6 @@
 """The experiment report's document model and its two renderings: Markdown and one HTML file.
 
-``kdens.report`` builds a list of :class:`Section` objects from the run folders; this
+``kdens.app.report`` builds a list of :class:`Section` objects from the run folders; this
 module turns that same structure into ``report.md`` (images linked relatively) or a
 self-contained ``report.html`` (images embedded as base64 data URIs, inline CSS, no
 script and no reference to any other file). Neither rendering parses the other.

@@ -1,29 +1,14 @@
-"""``kdens train-ensemble``: the command line of the ensemble stage (registered in kdens/cli.py).
-
-Importing this module also registers the ``ensemble`` evaluator of ``kdens evaluate``.
-"""
+"""``kdens train-ensemble``: the command line of the ensemble stage."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
-from kdens.cli_common import _CONTEXT, _RUN_KEYS, _layers, data_options, model_options, run_options, train_options
-from kdens.evaluate import EVALUATORS
+from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model_options, print_metrics,
+                                  run_options, train_options)
 
 
-def _evaluate_ensemble(run_dir: Path, manifest: dict) -> dict:
-    from ensembles.stage import evaluate_ensemble
-
-    return evaluate_ensemble(run_dir, manifest)
-
-
-EVALUATORS["ensemble"] = _evaluate_ensemble
-
-
-@click.command("train-ensemble", context_settings=_CONTEXT)
+@click.command("train-ensemble", context_settings=CONTEXT)
 @data_options
 @model_options
 @click.option("--members", type=click.IntRange(min=2), help="Number of members K; member k uses seed + k.")
@@ -56,12 +41,12 @@ def train_ensemble(**flags):
     """
     from ensembles.config import EnsembleConfig
     from ensembles.stage import pending_members, run
-    from kdens.cli_common import _print_metrics
+    from kdens.artifacts import read_json
     from kdens.config import build
 
-    opts = {k: flags[k] for k in _RUN_KEYS}
+    opts = {k: flags[k] for k in RUN_KEYS}
     rank, world = flags.pop("rank"), flags.pop("world_size")
-    file_layer, flag_layer, out = _layers(opts["config_file"], ("train-ensemble", "ensemble"), dict(flags))
+    file_layer, flag_layer, out = layers(opts["config_file"], ("train-ensemble", "ensemble"), dict(flags))
     cfg = build(EnsembleConfig, file_layer, flag_layer)
     run_dir = run(cfg, out, resume=opts["resume"], force=opts["force"], progress=not opts["quiet"],
                   rank=rank, world_size=world)
@@ -70,8 +55,8 @@ def train_ensemble(**flags):
         click.echo(f"{run_dir}: this rank's members are done; waiting for {waiting} (the call that "
                    "finishes the last member writes metrics.json and manifest.json)")
         return
-    _print_metrics(run_dir, ("test_accuracy", "test_errors", "test_nll", "best_member_test_accuracy",
+    print_metrics(run_dir, ("test_accuracy", "test_errors", "test_nll", "best_member_test_accuracy",
                              "disagreement", "train_seconds"))
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m = read_json(run_dir / "metrics.json")
     click.echo(f"beats its best member: accuracy {m['beats_best_member_accuracy']}, "
                f"NLL {m['beats_best_member_nll']}")

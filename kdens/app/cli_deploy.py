@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from kdens.cli_common import _CONTEXT
+from kdens.app.cli_common import CONTEXT
 
 _INTS = "comma-separated positive integers"
 
 
-@click.command("deploy", context_settings=_CONTEXT)
+@click.command("deploy", context_settings=CONTEXT)
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="A finished generalist or student run folder.")
 @click.option("--target", required=True, type=click.Choice(["onnx", "tflite", "fpga"]), help="Export target.")
@@ -35,12 +35,14 @@ _INTS = "comma-separated positive integers"
               help="Budget in accuracy points below PyTorch float; exit 1 if missed.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
 @click.option("--tflite-runtime-venv", default=None, metavar="PATH|none",
-              help="Venv for the tflite-runtime 2.14 cross-check, made on first use "
-                   "[$KDENS_TFLITE_RUNTIME_VENV or ~/.cache/kdens/venv-tflite-runtime]; 'none' skips it.")
+              help="Venv of the tflite-runtime 2.14 cross-check (`make setup` makes it) "
+                   "[$KDENS_TFLITE_RUNTIME_VENV, else ~/.cache/kdens/venv-tflite-runtime if present]; "
+                   "'none' skips the check.")
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Deploy folder; this export goes to OUT/<target>-<precision>/.")
-def deploy(model_dir, target, quantize, precision, sweep, min_agreement, io, batch_sizes, threads, calib_size,
-           max_latency_ms, max_accuracy_drop, seed, tflite_runtime_venv, out):
+@click.option("--force", is_flag=True, help="Export again over a finished OUT/<target>-<precision>/.")
+def deploy_cmd(model_dir, target, quantize, precision, sweep, min_agreement, io, batch_sizes, threads, calib_size,
+               max_latency_ms, max_accuracy_drop, seed, tflite_runtime_venv, out, force):
     """Export a trained model, check it on the runtime that will run it, and gate it.
 
     \b
@@ -54,22 +56,20 @@ def deploy(model_dir, target, quantize, precision, sweep, min_agreement, io, bat
       kdens deploy --model runs/fm/student --target tflite --quantize int8 --batch-sizes 1,32 --out runs/fm/deploy
       kdens deploy --model runs/fm/student --target fpga --precision 'ap_fixed<16,6>' --out runs/fm/deploy
     """
-    from deploy import common, stage
-    from deploy.fpga_precision import parse_sweep
+    from deploy.common import DeployOptions
+    from deploy.config import DeployConfig
+    from deploy.stage import run
 
-    kw = dict(quantize=quantize, batch_sizes=batch_sizes, io=io, calib_size=calib_size,
-              max_latency_ms=max_latency_ms, max_accuracy_drop=max_accuracy_drop, seed=seed)
-    if threads:
-        kw["threads"] = threads
-    kw["tflite_runtime_venv"] = common.tflite_runtime_venv(tflite_runtime_venv)
-    opts = common.DeployOptions(**kw)
-    sweep_widths = parse_sweep(sweep) if sweep else None
-    out_dir, report = stage.run(model_dir, target, opts, out, precision=precision, sweep=sweep_widths,
-                                min_agreement=min_agreement)
+    opts = DeployOptions(quantize=quantize, batch_sizes=batch_sizes, threads=threads or None, io=io,
+                         calib_size=calib_size, max_latency_ms=max_latency_ms, max_accuracy_drop=max_accuracy_drop,
+                         seed=seed, tflite_runtime_venv=tflite_runtime_venv)
+    cfg = DeployConfig(model=str(model_dir), target=target, precision=precision, sweep=sweep,
+                       min_agreement=min_agreement, opts=opts)
+    out_dir = run(cfg, Path(out) / cfg.folder_name(), force=force)
     click.echo((out_dir / "report.md").read_text())
 
 
-@click.command("bench", context_settings=_CONTEXT)
+@click.command("bench", context_settings=CONTEXT)
 @click.argument("deploy_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--threads", default="1", show_default=True, help=f"Thread counts to measure ({_INTS}).")
 @click.option("--batch-sizes", default="1,32", show_default=True, help=f"Batch sizes to measure ({_INTS}).")
@@ -93,11 +93,12 @@ def bench_cmd(deploy_dir, threads, batch_sizes, imports, bundle, no_measure):
       kdens bench runs/fm/deploy --bundle edge.tar.gz
       kdens bench runs/fm/deploy --no-measure --import pi-results.json
     """
-    from deploy import bench_stage
+    from deploy.bench_stage import BenchConfig, run
 
-    paths = bench_stage.run(deploy_dir, threads, batch_sizes, imports=imports, bundle=bundle,
-                            measure=not no_measure)
-    click.echo(Path(paths["md"]).read_text())
-    if "bundle" in paths:
-        click.echo(f"bundle: {paths['bundle']}  (on the device: tar xzf it, then "
+    cfg = BenchConfig(threads=threads, batch_sizes=batch_sizes, imports=tuple(map(str, imports)),
+                      bundle=str(bundle) if bundle else None, measure=not no_measure)
+    out_dir = run(cfg, deploy_dir)
+    click.echo((out_dir / "bench.md").read_text())
+    if bundle:
+        click.echo(f"bundle: {bundle}  (on the device: tar xzf it, then cd kdens-bundle and run "
                    "python3 edge_runner.py --bundle . --out result.json)")

@@ -1,17 +1,16 @@
 """Pieces every ``kdens`` subcommand shares: context settings, option groups, config layering.
 
-Kept apart from ``kdens/cli.py`` so the per-stage command modules can import them
+Kept apart from ``kdens/app/cli.py`` so the per-stage command modules can import them
 without importing the group that registers those modules (which would be circular).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def train_options(f):
@@ -73,23 +72,25 @@ def run_options(f):
     return f
 
 
-_RUN_KEYS = ("config_file", "out", "resume", "force", "quiet")
+RUN_KEYS = ("config_file", "out", "resume", "force", "quiet")
 
 
-def _layers(config_file: Path | None, names: tuple[str, ...], flags: dict) -> tuple[dict, dict, Path | None]:
+def layers(config_file: Path | None, names: tuple[str, ...], flags: dict) -> tuple[dict, dict, Path | None]:
     """(file layer, flag layer, out) for config.build; flags left unset are dropped."""
     from kdens.config import load_toml, section
 
     file_layer = section(load_toml(config_file), names) if config_file else {}
     out = flags.pop("out", None) or file_layer.pop("out", None)
-    flag_layer = {k: v for k, v in flags.items() if v is not None and v != () and k not in _RUN_KEYS}
+    flag_layer = {k: v for k, v in flags.items() if v is not None and v != () and k not in RUN_KEYS}
     if not out:
         raise click.UsageError("--out is required (or 'out' in the config file)")
     return file_layer, flag_layer, Path(out)
 
 
-def _print_metrics(run_dir: Path, keys=("test_accuracy", "test_errors", "val_accuracy", "train_seconds")):
-    m = json.loads((run_dir / "metrics.json").read_text())
+def print_metrics(run_dir: Path, keys=("test_accuracy", "test_errors", "val_accuracy", "train_seconds")):
+    from kdens.artifacts import read_json
+
+    m = read_json(run_dir / "metrics.json")
     shown = "  ".join(f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}"
                       for k in keys if k in m)
     click.echo(f"{run_dir}: {shown}")

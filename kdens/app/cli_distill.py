@@ -1,17 +1,17 @@
-"""``kdens distill``: the command line of the distillation stage (registered in kdens/cli.py)."""
+"""``kdens distill``: the command line of the distillation stage."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
-from kdens.cli_common import _CONTEXT, _RUN_KEYS, _layers, data_options, model_options, run_options, train_options
+from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model_options, print_metrics,
+                                  run_options, train_options)
 
 
-@click.command("distill", context_settings=_CONTEXT)
+@click.command("distill", context_settings=CONTEXT)
 @click.option("--teacher", type=str,
               help="Teacher run folder (generalist, ensemble, specialists), or several joined by commas.")
 @data_options
@@ -31,7 +31,7 @@ from kdens.cli_common import _CONTEXT, _RUN_KEYS, _layers, data_options, model_o
               help="Soft-target cache folder [a soft_targets folder beside --out].")
 @train_options
 @run_options
-def distill(**flags):
+def distill_cmd(**flags):
     """Distill a teacher into a small student on its soft targets (Hinton et al. 2015).
 
     Teacher scores over the transfer set are computed once and cached; a second student
@@ -48,18 +48,18 @@ def distill(**flags):
     """
     from distill.config import DistillConfig
     from distill.stage import run
-    from kdens.cli_common import _print_metrics
+    from kdens.artifacts import read_json
     from kdens.config import build
 
-    opts = {k: flags[k] for k in _RUN_KEYS}
-    file_layer, flag_layer, out = _layers(opts["config_file"], ("distill",), dict(flags))
+    opts = {k: flags[k] for k in RUN_KEYS}
+    file_layer, flag_layer, out = layers(opts["config_file"], ("distill",), dict(flags))
     cfg = build(DistillConfig, file_layer, flag_layer)
     run_dir = run(cfg, out, resume=opts["resume"], force=opts["force"], progress=not opts["quiet"])
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 writes and reports
         return
-    _print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
+    print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
                              "gap_recovered", "train_seconds"))
-    soft = json.loads((run_dir / "metrics.json").read_text()).get("soft_targets", {})
+    soft = read_json(run_dir / "metrics.json").get("soft_targets", {})
     if not soft.get("online"):
         click.echo(f"soft targets: {'reused' if soft.get('reused') else 'built'} "
                    f"(build {soft.get('build_seconds', 0):.2f}s)")
