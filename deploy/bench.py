@@ -10,7 +10,6 @@ load on the machine.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

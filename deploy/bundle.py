@@ -22,7 +22,7 @@ from pathlib import Path
 
 from deploy.common import SAMPLE_RUNTIME, SAMPLE_TORCH, SAMPLE_X
 from deploy.report import b1_latency
-from kdens.artifacts import atomic_write_bytes
+from kdens.artifacts import MANIFEST, atomic_write_bytes, read_json, read_manifest
 from kdens.errors import ArtifactError
 
 RUNNER = Path(__file__).with_name("edge_runner.py")
@@ -46,11 +46,14 @@ Copy it back and merge it with `deploy.bench.merge_import` (kdens bench --import
 
 
 def _entries(deploy_dir: Path) -> list[dict]:
-    """One entry per target folder whose report names a shippable model file."""
+    """One entry per finished export (its manifest verifies) whose report names a shippable model file."""
     out = []
     for rep_path in sorted(Path(deploy_dir).glob("*/report.json")):
-        rep = json.loads(rep_path.read_text())
         folder = rep_path.parent
+        if not (folder / MANIFEST).exists():
+            continue  # an export that did not finish (or the eager baseline): nothing to ship
+        read_manifest(folder, "deploy")
+        rep = read_json(rep_path)
         model_file = rep.get("model_file")
         if not model_file or Path(model_file).suffix not in SHIPPABLE:
             continue

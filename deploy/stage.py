@@ -45,6 +45,10 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
     if (run_dir / MANIFEST).exists() and not (force or resume):
         raise ArtifactError(f"{run_dir} already holds a finished deploy; pass --force to export again, "
                             "or choose another --out")
+    if cfg.target == "tflite":  # a cross-check venv named explicitly must work: refuse before any write
+        from deploy.tflite_check import find_tflite_runtime
+
+        find_tflite_runtime(cfg.opts.tflite_runtime_venv)
     data = run_data(manifest)
     model, spec = load_model(model_dir)
     module = importlib.import_module(MODULES[cfg.target])

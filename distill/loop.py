@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from distill.cache import build_or_load
 from kdens.errors import KdensError, ModelError, TrainingError
+from kdens.train import distributed
 
 DistillLoss = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -51,13 +52,6 @@ def online_loss_fn(loss: DistillLoss, teacher: Callable[[Tensor], Tensor]) -> Ca
 
 
 # ---------------------------------------------------------------- torch.distributed
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
 
 def init_distributed(device: str) -> tuple[bool, str]:
     """Join the process group torchrun describes (WORLD_SIZE > 1), if not joined already.

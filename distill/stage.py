@@ -20,8 +20,8 @@ import torch
 from distill.cache import cache_key
 from distill.config import DistillConfig
 from distill.losses import make_loss
-from distill.loop import (agree, cached_loss_fn, cached_targets, distributed, init_distributed,
-                          online_loss_fn, output_head, shift_bias)
+from distill.loop import (agree, cached_loss_fn, cached_targets, init_distributed, online_loss_fn, output_head,
+                          shift_bias)
 from distill.teachers import (Teacher, cache_options, load_teacher, soft_scores_depend_on_temperature,
                               soft_scores_fn, split_teacher_spec, teacher_log_probs)
 from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratified_fraction
@@ -33,7 +33,7 @@ from kdens.errors import ConfigError, DataError, KdensError
 from kdens.evaluate import evaluate_model
 from kdens.runs import prepare_run_dir, run_key
 from kdens.models import build_model, count_params, load_model, model_spec, save_model
-from kdens.train import CHECKPOINT, fit, predict_logits, resolve_device
+from kdens.train import CHECKPOINT, distributed, fit, predict_logits, resolve_device
 
 STUDENT_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
 

@@ -16,7 +16,6 @@ ensemble's metrics and manifest (identical files if two happen to do it).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -31,13 +30,12 @@ from kdens.artifacts import (
     read_json,
     read_manifest,
     sha256_file,
-    to_json,
     write_manifest,
 )
 from kdens.config import to_dict
 from kdens.data import Dataset, load_dataset
 from kdens.errors import ArtifactError
-from kdens.runs import prepare_run_dir, run_data, train_model
+from kdens.runs import prepare_run_dir, run_data, same_settings, sub_run_plan, train_model
 from kdens.models import build_model, load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
@@ -107,31 +105,12 @@ def member_logits(models: list, x, batch_size: int = 2048) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the I/O shell
 
-def _normalized(obj) -> object:
-    """``obj`` as it reads back from JSON (tuples become lists, ...)."""
-    return json.loads(to_json(obj))
-
-
-def _comparable(config: dict) -> dict:
-    # where a member trained does not change what it is: resume on another device is fine
-    cfg = dict(config)
-    cfg["train"] = {k: v for k, v in cfg.get("train", {}).items() if k != "device"}
-    return cfg
-
-
 def _member_plan(mdir: Path, expected: dict, fingerprint: str, resume: bool, force: bool) -> str:
     """'done' (finished with these settings), or 'train'; raises before any write if neither is safe."""
-    if (mdir / MANIFEST).exists() and not force:
-        man = read_json(mdir / MANIFEST)
-        if (man.get("stage") != "generalist" or man.get("data_fingerprint") != fingerprint
-                or _comparable(man.get("config", {})) != _comparable(_normalized(expected))):
-            raise ArtifactError(f"{mdir} holds a member trained with other settings or data; use another "
-                                "--out, or pass --force to retrain the members")
-        return "done"
-    if (mdir / CHECKPOINT).exists() and not (resume or force):
-        raise ArtifactError(f"{mdir} holds an interrupted member ({CHECKPOINT}); pass --resume to continue "
-                            "it or --force to start over")
-    return "train"
+    man = read_json(mdir / MANIFEST) if (mdir / MANIFEST).exists() else None
+    matches = man is not None and (man.get("stage") == "generalist" and man.get("data_fingerprint") == fingerprint
+                                   and same_settings(man.get("config", {}), expected))
+    return sub_run_plan(mdir, "member", matches, resume, force)
 
 
 def run(cfg: EnsembleConfig, run_dir: Path, *, resume: bool = False, force: bool = False, progress: bool = True,

@@ -106,18 +106,6 @@ def to_dict(cfg) -> dict:
 
 
 @dataclass
-class DataConfig:
-    """Where the data comes from and how the validation split is carved."""
-
-    data: str = "digits"
-    """'digits', 'fashion-mnist', an IDX folder or an .npz file."""
-    val_fraction: float = 0.1
-    """Share of the training set held out (stratified) for validation and early stopping."""
-    split_seed: int = 0
-    """Seed of the validation split and of --train-fraction subsets; fixed across stages."""
-
-
-@dataclass
 class GeneralistConfig:
     """``kdens train-generalist``: one supervised model on hard labels."""
 

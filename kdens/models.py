@@ -8,7 +8,6 @@ Weights are stored as safetensors beside a JSON description (``model.json``), ne
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -214,11 +213,11 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Mo
     """Rebuild a model from ``model.json`` and load ``model.safetensors`` into it (eval mode)."""
     from safetensors.torch import load_file
 
-    from kdens.artifacts import require_files
+    from kdens.artifacts import read_json, require_files
 
     run_dir = Path(run_dir)
     require_files(run_dir, ["model.json", "model.safetensors"], ("generalist", "student"))
-    spec = json.loads((run_dir / "model.json").read_text())
+    spec = read_json(run_dir / "model.json")
     model = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
     try:
         model.load_state_dict(load_file(run_dir / "model.safetensors", device=str(device)))

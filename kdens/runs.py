@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kdens.artifacts import MANIFEST, atomic_write_json
+from kdens.artifacts import MANIFEST, atomic_write_json, to_json
 from kdens.data import Dataset, load_dataset
 from kdens.errors import ArtifactError
 from kdens.evaluate import evaluate_model
@@ -94,3 +94,39 @@ def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict,
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_json(run_dir / "history.json", result.history)
     return model, spec, metrics
+
+
+def same_settings(recorded: dict, current: dict, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a recorded config (read back from a manifest) equals ``current``.
+
+    Compared as JSON reads them back (tuples are lists), leaving out ``ignore`` keys and the
+    training device: where a model trained does not change what it is.
+    """
+    def comparable(cfg: dict) -> dict:
+        cfg = {k: v for k, v in json.loads(to_json(cfg)).items() if k not in ignore}
+        cfg["train"] = {k: v for k, v in cfg.get("train", {}).items() if k != "device"}
+        return cfg
+
+    return comparable(recorded) == comparable(current)
+
+
+def sub_run_plan(folder: Path, what: str, matches: bool | None, resume: bool, force: bool) -> str:
+    """'done' or 'train' for one sub-run (an ensemble member, a specialist); raises before any write
+    when neither is safe.
+
+    Args:
+        folder: the sub-run's folder.
+        what: how errors name it ("member", "specialist").
+        matches: whether its finished manifest was made with today's settings (None: no manifest).
+        resume, force: the stage's flags.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST).exists() and not force:
+        if not matches:
+            raise ArtifactError(f"{folder} holds a {what} trained with other settings or data; use another "
+                                "--out, or pass --force to retrain")
+        return "done"
+    if (folder / CHECKPOINT).exists() and not (resume or force):
+        raise ArtifactError(f"{folder} holds an interrupted {what} ({CHECKPOINT}); pass --resume to continue "
+                            "it or --force to start over")
+    return "train"

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,7 +171,8 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> floa
     return base
 
 
-def _ddp() -> tuple[int, int]:
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of the joined process group; (0, 1) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -263,7 +263,7 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
     cfg = cfg or TrainConfig()
     device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
-    rank, world = _ddp()
+    rank, world = distributed()
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -434,7 +434,3 @@ def _save_checkpoint(path: Path, model, opt, gen, best_state, bad_epochs, epoch,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(ck, tmp)
     os.replace(tmp, path)
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -42,7 +42,7 @@ from kdens.artifacts import (
 from kdens.config import to_dict
 from kdens.data import Dataset, stratified_subset
 from kdens.errors import ArtifactError, ConfigError, DataError, ModelError
-from kdens.runs import data_config, prepare_run_dir, run_data, run_key
+from kdens.runs import data_config, prepare_run_dir, run_data, run_key, same_settings, sub_run_plan
 from kdens.models import load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
@@ -122,34 +122,18 @@ def find_groups(cfg: SpecialistsConfig, gen_model, data: Dataset, gen_hash: str)
 
 # ---------------------------------------------------------------- step 2: specialists
 
-def _normalized(obj) -> object:
-    return json.loads(to_json(obj))
-
-
-def _comparable(config: dict) -> dict:
-    # neither where it trained nor how the combination is done changes a specialist;
-    # which generalist it came from is compared by its manifest's hash instead of its path
-    cfg = {k: v for k, v in config.items() if k not in ("top_n", "generalist")}
-    cfg["train"] = {k: v for k, v in cfg.get("train", {}).items() if k != "device"}
-    return cfg
-
-
 def _plan(sdir: Path, group: list[int], cfg: SpecialistsConfig, fingerprint: str, gen_hash: str,
           resume: bool, force: bool) -> str:
     """'done' (finished with these settings) or 'train'; raises before any write if neither is safe."""
-    if (sdir / MANIFEST).exists() and not force:
-        man = read_json(sdir / MANIFEST)
-        if (man.get("stage") != "specialist" or man.get("data_fingerprint") != fingerprint
-                or man.get("specialist", {}).get("group") != list(group)
-                or man.get("generalist", {}).get("manifest_sha256") != gen_hash
-                or _comparable(man.get("config", {})) != _comparable(_normalized(to_dict(cfg)))):
-            raise ArtifactError(f"{sdir} holds a specialist trained with other settings, groups or generalist; "
-                                "use another --out, or pass --force to retrain")
-        return "done"
-    if (sdir / CHECKPOINT).exists() and not (resume or force):
-        raise ArtifactError(f"{sdir} holds an interrupted specialist ({CHECKPOINT}); pass --resume to continue "
-                            "it or --force to start over")
-    return "train"
+    man = read_json(sdir / MANIFEST) if (sdir / MANIFEST).exists() else None
+    # how the combination is done does not change a specialist; which generalist it came from
+    # is compared by its manifest's hash instead of its path
+    matches = man is not None and (
+        man.get("stage") == "specialist" and man.get("data_fingerprint") == fingerprint
+        and man.get("specialist", {}).get("group") == list(group)
+        and man.get("generalist", {}).get("manifest_sha256") == gen_hash
+        and same_settings(man.get("config", {}), to_dict(cfg), ignore=("top_n", "generalist")))
+    return sub_run_plan(sdir, "specialist", matches, resume, force)
 
 
 def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: bool = False,
@@ -198,7 +182,7 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
     record = find_groups(cfg, gen_model, data, gen_hash)
     if (run_dir / CLUSTERS).exists() and not force:
         old = read_json(run_dir / CLUSTERS)
-        if old.get("settings") != _normalized(record["settings"]) or old.get("groups") != record["groups"]:
+        if old.get("settings") != json.loads(to_json(record["settings"])) or old.get("groups") != record["groups"]:
             raise ArtifactError(f"{run_dir}/{CLUSTERS} holds groups made with other settings or another generalist; "
                                 "use another --out, or pass --force to start over")
     groups = record["groups"]

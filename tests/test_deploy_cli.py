@@ -76,3 +76,42 @@ def test_bad_deploy_input_exits_2(trained, tmp_path, args, message):
 def test_deploy_needs_a_finished_run(tmp_path):
     r = _deploy("--model", str(tmp_path / "nothing"), "--target", "onnx", "--out", str(tmp_path / "d"))
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_a_finished_export_is_redone_only_with_force_and_bench_skips_unfinished(trained, tmp_path):
+    out = tmp_path / "deploy"
+    args = ("--model", str(trained), "--target", "onnx", "--batch-sizes", "1", "--out", str(out))
+    assert _deploy(*args).exit_code == 0
+    again = _deploy(*args)
+    assert again.exit_code == 2 and "already holds a finished deploy" in again.output and "--force" in again.output
+    assert _deploy(*args, "--force").exit_code == 0
+    # an export that did not finish (no manifest) is left out of the bench, and said so
+    (out / "onnx-int8").mkdir()
+    (out / "onnx-int8" / "report.json").write_text(json.dumps({"target": "onnx", "accuracy": 1.0}))
+    r = CliRunner().invoke(cli, ["bench", str(out), "--threads", "1", "--batch-sizes", "1", "--no-measure"])
+    assert r.exit_code == 0, r.output
+    bench = json.loads((out / "bench.json").read_text())
+    assert {row["name"] for row in bench["rows"]} == {"onnx-float"}
+    assert "unfinished" in bench["skipped"]["onnx-int8"] and "Left out: onnx-int8" in r.output
+    assert json.loads((out / "manifest.json").read_text())["stage"] == "bench"
+
+
+def test_a_damaged_model_folder_is_refused_naming_the_file(trained, tmp_path):
+    import shutil
+
+    model = tmp_path / "gen"
+    shutil.copytree(trained, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])  # truncated
+    r = _deploy("--model", str(model), "--target", "onnx", "--out", str(tmp_path / "d"))
+    assert r.exit_code == 2 and "model.safetensors differs from the sha256" in r.output
+    assert not (tmp_path / "d").exists()
+    r = CliRunner().invoke(cli, ["evaluate", str(model)])
+    assert r.exit_code == 2 and "model.safetensors" in r.output
+
+
+def test_a_tflite_runtime_venv_named_explicitly_must_exist(trained, tmp_path):
+    r = CliRunner().invoke(cli, ["deploy", "--model", str(trained), "--target", "tflite", "--threads", "1",
+                                 "--tflite-runtime-venv", str(tmp_path / "absent"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "make setup" in r.output and "tflite-runtime==2.14.0" in r.output
+    assert not (tmp_path / "d").exists() and not (tmp_path / "absent").exists()

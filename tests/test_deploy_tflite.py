@@ -13,7 +13,6 @@ import platform
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
