@@ -40,6 +40,7 @@ test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup
+	$(PY) bench/place_mnist.py
 	$(PY) bench/run_all.py
 
 clean:

@@ -1,4 +1,5 @@
-"""Datasets: scikit-learn's digits (embedded), MNIST-format IDX folders, .npz files.
+"""Datasets: scikit-learn's digits (embedded), MNIST and Fashion-MNIST (fetched once, verified and
+cached by :mod:`kdens.datasets`), MNIST-format IDX folders, .npz files.
 
 Every dataset comes back as a :class:`Dataset` of float32 images (N, 1, H, W) in [0, 1]
 and int64 labels, with a seeded, stratified validation split carved from the training
@@ -9,27 +10,25 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from kdens import datasets
+from kdens.datasets import IDX_FILES
 from kdens.errors import DataError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-IDX_FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
-}
+NAMED_CLASSES = {"mnist": [str(i) for i in range(10)], "fashion-mnist": FASHION_MNIST_CLASSES}
+"""Class names of the datasets kdens.datasets fetches by name."""
 DATA_SPECS_HELP = (
-    "'digits', 'fashion-mnist', a folder of MNIST-format IDX files, or an .npz with "
-    "x_train, y_train, x_test, y_test"
+    "'digits', 'mnist', 'fashion-mnist' (fetched once into $KDENS_DATA, default ~/.cache/kdens), "
+    "a folder of MNIST-format IDX files, or an .npz with x_train, y_train, x_test, y_test"
 )
 
 
@@ -117,9 +116,18 @@ def _read_maybe_gz(folder: Path, stem: str) -> tuple[bytes, str]:
 
 def load_idx_folder(folder: Path) -> dict[str, np.ndarray]:
     """Read the four MNIST-format files of ``folder`` and check they fit together."""
+    return idx_arrays({stem: _read_maybe_gz(folder, stem) for stem in IDX_FILES.values()}, str(folder))
+
+
+def idx_arrays(raws: Mapping[str, tuple[bytes, str]], where: str) -> dict[str, np.ndarray]:
+    """Parse the four IDX files (stem -> (bytes, source)) and check they fit together.
+
+    Shared by IDX folders and named datasets, whose bytes come from kdens.datasets already
+    verified (reading them a second time from disk would only double the I/O).
+    """
     arrays = {}
     for key, stem in IDX_FILES.items():
-        raw, src = _read_maybe_gz(folder, stem)
+        raw, src = raws[stem]
         arr = parse_idx(raw, src)
         want = 3 if key.startswith("x") else 1
         if arr.ndim != want:
@@ -128,10 +136,10 @@ def load_idx_folder(folder: Path) -> dict[str, np.ndarray]:
     for split in ("train", "test"):
         nx, ny = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
         if nx != ny:
-            raise DataError(f"{folder}: {split} has {nx} images but {ny} labels")
+            raise DataError(f"{where}: {split} has {nx} images but {ny} labels")
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise DataError(
-            f"{folder}: train images are {arrays['x_train'].shape[1:]} but test images "
+            f"{where}: train images are {arrays['x_train'].shape[1:]} but test images "
             f"{arrays['x_test'].shape[1:]}"
         )
     return arrays
@@ -261,7 +269,7 @@ def _digits_raw() -> dict[str, np.ndarray]:
 
 
 def load_dataset(spec: str, *, val_fraction: float = 0.1, split_seed: int = 0) -> Dataset:
-    """Load a dataset by spec: 'digits', 'fashion-mnist', an IDX folder or an .npz file.
+    """Load a dataset by spec: 'digits', 'mnist', 'fashion-mnist', an IDX folder or an .npz file.
 
     Args:
         spec: what to load (see ``DATA_SPECS_HELP``).
@@ -272,14 +280,10 @@ def load_dataset(spec: str, *, val_fraction: float = 0.1, split_seed: int = 0) -
     spec = str(spec)
     if spec == "digits":
         return _build("digits", _digits_raw(), [str(i) for i in range(10)], "digits", val_fraction, split_seed)
-    if spec == "fashion-mnist":
-        if not FASHION_MNIST_DIR.is_dir():
-            raise DataError(
-                f"Fashion-MNIST not found at {FASHION_MNIST_DIR}; install it with "
-                "'apt-get install dataset-fashion-mnist' or pass a folder of IDX files to --data"
-            )
-        return _build("fashion-mnist", load_idx_folder(FASHION_MNIST_DIR), FASHION_MNIST_CLASSES,
-                      str(FASHION_MNIST_DIR), val_fraction, split_seed)
+    if spec in NAMED_CLASSES:  # a named dataset wins over a folder of the same name: pass ./mnist for that
+        raws = datasets.fetch(spec)
+        where = str(Path(raws[IDX_FILES["x_train"]][1]).parent)
+        return _build(spec, idx_arrays(raws, where), NAMED_CLASSES[spec], where, val_fraction, split_seed)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _build(path.name, load_idx_folder(path), None, str(path), val_fraction, split_seed)

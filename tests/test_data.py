@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from kdens import data as D
+from kdens import datasets
 from kdens.errors import DataError
 from tests.conftest import write_idx
 
@@ -105,9 +106,13 @@ def test_npz(tmp_path):
 def test_unknown_spec_and_missing_fashion_mnist(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such dataset"):
         D.load_dataset(str(tmp_path / "nothing"))
-    monkeypatch.setattr(D, "FASHION_MNIST_DIR", tmp_path / "absent")
+    # nothing cached, no Debian copy, and the only mirror refuses the connection (never the internet)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setenv("KDENS_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("KDENS_MIRROR", "http://127.0.0.1:9")
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         D.load_dataset("fashion-mnist")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_stratified_subset_is_seeded_and_stratified():
@@ -118,8 +123,11 @@ def test_stratified_subset_is_seeded_and_stratified():
     assert np.bincount(y[a]).tolist() == [10, 5, 3, 2]
 
 
-@pytest.mark.skipif(not D.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
-def test_fashion_mnist_real_files():
+@pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_real_files(tmp_path, monkeypatch):
+    # read from Debian's folder (hash-checked), with an empty cache and no reachable mirror
+    monkeypatch.setenv("KDENS_DATA", str(tmp_path))
+    monkeypatch.setenv("KDENS_MIRROR", "http://127.0.0.1:9")
     ds = D.load_dataset("fashion-mnist")
     assert len(ds.y_train) + len(ds.y_val) == 60000 and len(ds.y_test) == 10000
     assert ds.class_names[9] == "Ankle boot" and ds.input_shape == (1, 28, 28)

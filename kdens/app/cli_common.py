@@ -42,7 +42,8 @@ def train_options(f):
 def data_options(f):
     opts = [
         click.option("--data", type=str,
-                     help="digits, fashion-mnist, a folder of IDX files, or an .npz [digits]."),
+                     help="digits, mnist, fashion-mnist (fetched once into $KDENS_DATA, default "
+                          "~/.cache/kdens), a folder of IDX files, or an .npz [digits]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
                      help="Validation share of the training set [0.1]."),
         click.option("--split-seed", type=int, help="Seed of the validation split [0]."),
