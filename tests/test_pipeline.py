@@ -87,6 +87,17 @@ def test_first_run_does_every_stage_and_writes_the_report(first):
     assert (out / "report.md").exists()
 
 
+def test_the_report_and_the_terminal_lead_with_the_file_to_ship(first):
+    _, _, out, lines, _ = first
+    text = (out / "report.md").read_text()
+    assert text.split("\n## ")[1].startswith("Summary")  # the first section
+    ship = next(line for line in lines if line.startswith("ship: "))
+    path = Path(ship.split()[1])
+    assert path.name == "model.onnx" and path.exists() and str(path) in text
+    assert any(line.startswith("hard-label student (baseline:student):") for line in lines)
+    assert any(line.startswith("distilled student (student):") and "gap recovered" in line for line in lines)
+
+
 def test_second_run_reuses_everything(first):
     _, config, out, _, before = first
     lines, stages = _run(config, out)

@@ -111,3 +111,12 @@ def test_every_example_resolves(path, tmp_path):
     assert "student" in kinds and kinds[-1] == "bench"
     for stage in plan.stages:  # each stage's inputs come before it
         assert all(plan.stages.index(plan.stage(n)) < plan.stages.index(stage) for n in stage.needs)
+
+
+def test_a_fraction_student_gets_a_twin_on_the_same_fraction(tmp_path):
+    plain = {"name": "all", "model": "mlp", "model_args": {"hidden": [8]}, "epochs": 2}
+    few = {**plain, "name": "few", "transfer": "fraction=0.1"}
+    plan = build_plan(_doc(distill=[plain, few]), out=tmp_path)
+    assert plan.stage("baseline:all").config.train_fraction == 1.0
+    assert plan.stage("baseline:few").config.train_fraction == 0.1  # same examples, hard labels
+    assert plan.stage("few").config.transfer == "fraction=0.1" and plan.stage("few").needs[-1] == "baseline:few"

@@ -103,8 +103,8 @@ def test_report_has_every_section_in_order(experiment):
     text = experiment["text"]
     assert experiment["md"] == experiment["root"] / "report.md"
     titles = re.findall(r"^## (.+)$", text, re.MULTILINE)
-    assert titles == ["Overview", "Configuration", "Stages", "Training curves", "Confusion matrices (test set)",
-                      "Ensemble", "Specialists", "Distillation", "Deploy"]
+    assert titles == ["Summary", "Overview", "Stages", "Training curves", "Confusion matrices (test set)",
+                      "Ensemble", "Specialists", "Distillation", "Deploy", "Configuration"]
     assert text.startswith("# kdens experiment: digits\n")
     overview = _section(text, "Overview")
     assert "digits.toml" in overview and experiment["pipeline"]["started"] in overview
@@ -152,7 +152,8 @@ def test_figures_are_real_pngs_and_all_linked(experiment):
         w, h = _png_size(data)
         assert len(data) > 5000 and w >= 300 and h >= 300, rel
     names = set(pngs)
-    assert {"report/training-curves.png", "report/covariance-specialists.png", "report/pareto.png"} <= names
+    assert {"report/training-curves.png", "report/covariance-specialists.png", "report/pareto.png",
+            "report/summary.png"} <= names
     for s in ("generalist", "ensemble", "specialists", "baseline-student", "student"):
         assert f"report/confusion-{s}.png" in names
 
@@ -248,8 +249,8 @@ def test_missing_optional_stages_are_left_out(experiment, tmp_path):
                                                     "wall_seconds": 3.0, "stages": stages}))
     text = write_report(root, html=True).read_text()
     titles = re.findall(r"^## (.+)$", text, re.MULTILINE)
-    assert titles == ["Overview", "Configuration", "Stages", "Training curves", "Confusion matrices (test set)",
-                      "Distillation"]
+    assert titles == ["Summary", "Overview", "Stages", "Training curves", "Confusion matrices (test set)",
+                      "Distillation", "Configuration"]
     assert "ConfigError: --clusters 4 found no group" in _section(text, "Stages")
     assert "not finished" in _section(text, "Overview")
     assert "Interrupted while running (rerun `kdens run` to resume): deploy:onnx-float." in _section(text, "Stages")
@@ -273,7 +274,7 @@ def test_deploy_without_bench_reads_each_report_and_draws_the_front(experiment, 
                    "error": "ArtifactError: deploy/onnx-float/model.onnx no longer loads"})
     (root / "pipeline.json").write_text(json.dumps({"name": "nobench", "stages": stages}))
     text = write_report(root).read_text()
-    assert re.findall(r"^## (.+)$", text, re.MULTILINE) == ["Overview", "Configuration", "Stages", "Deploy"]
+    assert re.findall(r"^## (.+)$", text, re.MULTILINE) == ["Summary", "Overview", "Stages", "Deploy", "Configuration"]
     rows = _table_rows(_section(text, "Deploy"))
     rep = _json(root / "deploy" / "onnx-float" / "report.json")
     assert [r[1] for r in rows] == ["onnx-float"] and rows[0][0] == "*"
@@ -304,3 +305,17 @@ def test_confusion_counts_are_reused_until_the_stage_manifest_changes(experiment
     again = _json(conf)
     assert again["student"]["matrix"] == true
     assert again["generalist"]["matrix"] == record["generalist"]["matrix"]
+
+
+def test_summary_compares_teacher_twin_and_student_and_ships_nothing_that_failed(experiment):
+    root, sec = experiment["root"], _section(experiment["text"], "Summary")
+    assert "Nothing to recommend: no artifact passed its gates" in sec  # both exports missed the budget
+    rows = {r[0]: r for r in _table_rows(sec)}
+    student = _json(root / "students" / "student" / "metrics.json")
+    twin = _json(root / "baselines" / "student" / "metrics.json")
+    teacher = _json(root / "specialists" / "metrics.json")["combined"]
+    assert rows["teacher"][1:4] == ["specialists", f"{100 * teacher['test_accuracy']:.2f}%", str(teacher["test_errors"])]
+    assert rows["hard-label student"][3] == str(twin["test_errors"]) and rows["distilled student"][3] == str(
+        student["test_errors"])
+    assert rows["distilled student"][4] == f"{student['params']:,}" == rows["hard-label student"][4]
+    assert "report/summary.png" in sec

@@ -193,6 +193,10 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
 
     out.report = write_report(exp, html=plan.html)
     log(f"report: {out.report}" + (f" and {out.report.with_suffix('.html')}" if plan.html else ""))
+    from kdens.app.report_summary import terminal_lines
+
+    for line in terminal_lines(exp):
+        log(line)
     if out.gate_failures:
         raise GateFailed("; ".join(out.gate_failures))
     return out

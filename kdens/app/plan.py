@@ -13,7 +13,9 @@ File shape (every table but ``[data]`` and one teacher is optional)::
     [specialists] the keys of `kdens train-specialists`   (clusters, ...; uses [generalist])
     [[distill]]   the keys of `kdens distill`, plus name, baseline = true|false, and
                   teacher = "generalist" | "ensemble" | "specialists" | a run folder
-                  (several joined by commas); temperature may be a list: one student each
+                  (several joined by commas); temperature may be a list: one student each.
+                  The baseline is the same student and recipe on hard labels; with
+                  transfer = "fraction=F" it trains on the same fraction (train_fraction = F)
     [deploy]      student, targets = ["onnx:int8", "tflite:int8", "fpga:ap_fixed<16,6>"],
                   and the flags of `kdens deploy` (max_accuracy_drop, batch_sizes, ...)
     [bench]       threads, batch_sizes                    (`kdens bench` over deploy/)
@@ -204,6 +206,10 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
         baseline_name = baseline_dir = None
         if want_baseline:
             hard = {k: v for k, v in table.items() if k not in _STUDENT_ONLY}
+            probe = _build(STAGES["student"].config, f"distill {base}", {},
+                           {**data, **table, "teacher": teacher_path, "temperature": temps[0]})
+            if probe.transfer_spec.kind == "fraction":  # the twin sees the same examples, with hard labels
+                hard["train_fraction"] = probe.transfer_spec.fraction
             cfg = _build(STAGES["baseline"].config, f"distill {base} (baseline)", data, hard)
             # students of one architecture and recipe (other teachers or T) share one baseline
             same = [s for s in stages if s.kind == "baseline" and s.config_dict() == to_dict(cfg)]

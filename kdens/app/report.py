@@ -1,13 +1,14 @@
 """The experiment report: ``runs/<exp>/report.md`` with its figures, and optionally one HTML file.
 
 Reads ``pipeline.json`` (written by ``kdens run``) and every stage folder it names, and
-writes, in order: the header (name, config file, when, wall time of this run and of
-the stages when built); the configuration; a table of the stages (status, time, main metrics) with the errors of
-failed ones; training curves; test-set confusion matrices of the teachers, baselines
+writes, in order: the summary (the file to ship; teacher, hard-label and distilled student
+side by side; accuracy against size); the header (name, config file, when, wall time of this
+run and of the stages when built); a table of the stages (status, time, main metrics) with
+the errors of failed ones; training curves; test-set confusion matrices of the teachers, baselines
 and students; the ensemble; the specialists' covariance heatmap and per-group table;
 the distillation table (teacher / hard-label baseline / distilled); the deploy table
-and its accuracy-latency Pareto plot. A section whose stages are absent, failed or not
-yet run is left out.
+and its accuracy-latency Pareto plot; last, the configuration as parsed. A section whose
+stages are absent, failed or not yet run is left out.
 
 ``report.md`` links ``report/*.png`` relatively; ``report.html`` is rendered from the
 same sections as one self-contained page (images as base64 data URIs). Every file is
@@ -25,7 +26,8 @@ from kdens.artifacts import atomic_write_text
 from kdens.app.report_data import Experiment, StageView, count, duration, fmt, num, pct, to_toml, total_params
 from kdens.app.report_render import Code, Para, Section, Table, to_html, to_markdown
 from kdens.app.report_sections import (FIG_DIR, Figures, confusion_section, curves_section, deploy_section,
-                                   distillation_section, ensemble_section, problems, specialists_section)
+                                       distillation_section, ensemble_section, problems, specialists_section)
+from kdens.app.report_summary import summary_section
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 RESULT_SECTIONS = (curves_section, confusion_section, ensemble_section, specialists_section,
@@ -47,8 +49,11 @@ def write_report(exp_dir: Path, *, html: bool = False) -> Path:
     """
     exp = Experiment.load(Path(exp_dir))
     figs = Figures(exp.root)
-    sections = [header_section(exp), config_section(exp), stages_section(exp)]
+    # the answer first (what to ship, what distillation bought), the details after, the raw config last
+    first = summary_section(exp, figs)
+    sections = ([first] if first is not None else []) + [header_section(exp), stages_section(exp)]
     sections += [s for build in RESULT_SECTIONS if (s := build(exp, figs)) is not None]
+    sections.append(config_section(exp))
     title = f"kdens experiment: {exp.pipeline.get('name', exp.root.name)}"
     md = atomic_write_text(exp.root / REPORT_MD, to_markdown(title, sections))
     if html:

@@ -23,7 +23,7 @@ CURVE_PANELS = (("train_loss", "train loss", True), ("val_loss", "validation los
 KIND_STYLE = {"generalist": "-", "ensemble": ":", "baseline": "--", "student": "-."}
 
 
-def _figure(width: float, height: float, layout: str | None = None):
+def figure(width: float, height: float, layout: str | None = None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -66,7 +66,7 @@ def plot_training_curves(curves: list[tuple[str, str, list[dict]]], path: Path) 
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     # constrained layout leaves room for the legend under the panels, where it hides no line
-    fig = _figure(15.0, 4.8 + 0.22 * ((len(curves) + 4) // 5), layout="constrained")
+    fig = figure(15.0, 4.8 + 0.22 * ((len(curves) + 4) // 5), layout="constrained")
     axes = [fig.add_subplot(1, len(CURVE_PANELS), i + 1) for i in range(len(CURVE_PANELS))]
     for i, (label, kind, history) in enumerate(curves):
         # ensemble members are many and alike: thinner, so the single runs stay readable
@@ -119,7 +119,7 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], title: str, path: Pat
     rows = cm.sum(1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)  # (C, C)
     side = min(3.0 + 0.48 * c, 14.0)
-    fig = _figure(side + 1.2, side)
+    fig = figure(side + 1.2, side)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
