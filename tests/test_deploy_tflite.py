@@ -25,6 +25,7 @@ from deploy.bundle import make_bundle
 from deploy.common import DeployData, DeployOptions, torch_logits
 from deploy.edge_runner import TFLiteModel
 from deploy.report import write_report
+from kdens.artifacts import write_manifest
 from deploy import tflite_check
 from deploy.tflite_check import check_in_tflite_runtime, find_tflite_runtime
 from kdens.errors import ConfigError
@@ -90,6 +91,7 @@ def int8_dir(tmp_path_factory, data, cnn):
     out = tmp_path_factory.mktemp("deploy") / "tflite-int8"
     rep = tflite_export.deploy(cnn, data[0], DeployOptions(quantize="int8", io="int8", **FAST), out)
     write_report(out, rep)
+    write_manifest(out, stage="deploy", config={"target": "tflite"})  # finished, as the deploy stage leaves it
     return out, rep
 
 
