@@ -132,7 +132,28 @@ def quantize_int8(float_path: Path, out_path: Path, x_calib: np.ndarray, work_di
     quant_pre_process(str(float_path), str(pre))
     quantize_static(str(pre), str(out_path), _CalibReader(x_calib, "x"), quant_format=QuantFormat.QDQ,
                     per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=input_normalization_nodes(pre))
+
+
+def input_normalization_nodes(path: Path) -> list[str]:
+    """Names of the elementwise nodes that standardise the graph input (``kdens.models.Standardized``).
+
+    They stay float: quantizing raw inputs whose features span e.g. 0.002 to 100,000 with one
+    int8 scale would erase the small ones before the normalization could rescale them (a
+    sensor CSV fell from 95% to 33% that way); int8 starts after them.
+    """
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    frontier, names = {graph.input[0].name}, []
+    for node in graph.node:  # topological order: the normalization comes first
+        if any(i in frontier for i in node.input):
+            if node.op_type not in ("Sub", "Mul", "Div", "Cast"):
+                break
+            names.append(node.name)
+            frontier |= set(node.output)
+    return names
 
 
 def quantize_dynamic_int8(float_path: Path, out_path: Path, reduce_range: bool = False) -> None:

@@ -27,6 +27,14 @@ class DistillConfig:
     """Validation share of the training split; default: the teacher's."""
     split_seed: int | None = None
     """Seed of the validation split and of fraction=F; default: the teacher's."""
+    layout: str | None = None
+    """--layout (auto, nchw, nhwc, features); default: the teacher's."""
+    label_column: str | None = None
+    """--label-column of a CSV; default: the teacher's."""
+    test_fraction: float | None = None
+    """--test-fraction of a CSV or image folder; default: the teacher's."""
+    image_size: str | None = None
+    """--image-size H,W of an image folder; default: the teacher's."""
     temperature: float = 4.0
     """Softening temperature T > 0 applied to teacher and student logits in the soft term."""
     alpha: float = 0.1
@@ -45,6 +53,9 @@ class DistillConfig:
     """Optimisation settings (flat keys: epochs, lr, jitter, ...)."""
 
     def __post_init__(self):
+        from kdens.data import resolve_spec
+
+        self.data = resolve_spec(self.data) if self.data is not None else None
         if not str(self.teacher).strip():
             raise ConfigError("--teacher is empty; give a run folder (or several, comma-separated)")
         t = float(self.temperature)

@@ -28,11 +28,11 @@ from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratif
 from kdens import metrics as M
 from kdens.artifacts import MANIFEST, atomic_write_json, read_manifest, sha256_file, write_manifest
 from kdens.config import to_dict
-from kdens.data import Dataset, load_dataset, load_unlabeled
+from kdens.data import Dataset, load_unlabeled
 from kdens.errors import ConfigError, DataError, KdensError
 from kdens.evaluate import evaluate_model
-from kdens.runs import prepare_run_dir, run_key
-from kdens.models import build_model, count_params, load_model, model_spec, save_model
+from kdens.runs import check_augmentation, load_data, prepare_run_dir, run_key
+from kdens.models import build_for_data, count_params, load_model, model_spec, save_model
 from kdens.train import CHECKPOINT, distributed, fit, predict_logits, resolve_device
 
 STUDENT_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
@@ -71,14 +71,11 @@ def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarr
 
 
 def _resolve_data(cfg: DistillConfig, teacher: Teacher) -> DistillConfig:
-    """Fill data / val_fraction / split_seed left unset with the teacher's own."""
+    """Fill the data settings left unset (data, val_fraction, split_seed, layout, ...) with the teacher's own."""
     tdc = teacher.data_config
-    return dataclasses.replace(
-        cfg,
-        data=cfg.data if cfg.data is not None else str(tdc.get("data", "digits")),
-        val_fraction=cfg.val_fraction if cfg.val_fraction is not None else float(tdc.get("val_fraction", 0.1)),
-        split_seed=cfg.split_seed if cfg.split_seed is not None else int(tdc.get("split_seed", 0)),
-    )
+    keys = ("data", "val_fraction", "split_seed", "layout", "label_column", "test_fraction", "image_size")
+    return dataclasses.replace(cfg, **{k: getattr(cfg, k) if getattr(cfg, k) is not None else tdc.get(k)
+                                       for k in keys})
 
 
 def _check_compatible(teacher: Teacher, data: Dataset, what: str = "the teacher") -> None:
@@ -128,8 +125,9 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         teacher_paths = split_teacher_spec(cfg.teacher)
         teacher = load_teacher(teacher_paths, device)
         cfg = _resolve_data(cfg, teacher)
-        data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+        data = load_data(dataclasses.asdict(cfg))
         _check_compatible(teacher, data)
+        check_augmentation(data, cfg.train)
         spec = cfg.transfer_spec
         x_tr, y_tr, transfer_info = transfer_set(spec, data, cfg.split_seed)
         if y_tr is None and cfg.alpha > 0:
@@ -178,7 +176,7 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
                       "build_seconds": round(float(info["build_seconds"]), 3),
                       "load_seconds": round(float(info["seconds"]), 3), "key": key, "path": info["path"]}
 
-    mspec = model_spec(cfg.model, data.num_classes, data.input_shape, cfg.model_args)
+    mspec = model_spec(cfg.model, data.num_classes, data.input_shape, cfg.model_args, data.normalization)
     # the device stays out of the key: under DDP on CUDA each rank trains on its own cuda:K
     train_key = {k: v for k, v in cfg.train.to_dict().items() if k != "device"}
     rkey = run_key("student", mspec, train_key, data.fingerprint, str(spec), cfg.loss,
@@ -210,7 +208,7 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
 
 def _build_student(cfg: DistillConfig, data: Dataset):
     torch.manual_seed(cfg.train.seed)  # the run's seed also fixes the initial weights
-    return build_model(cfg.model, data.num_classes, data.input_shape, **cfg.model_args)
+    return build_for_data(cfg.model, data, cfg.model_args)[0]
 
 
 def _student_metrics(student, teacher: Teacher, data: Dataset, cfg: DistillConfig, result, n_transfer: int,

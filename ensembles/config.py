@@ -69,11 +69,19 @@ class EnsembleConfig:
     member_models: list | str | None = None
     """Architectures cycled over the members: "mlp:hidden=64;cnn:size=small" or a list of such specs."""
     data: str = "digits"
-    """'digits', 'fashion-mnist', an IDX folder or an .npz file."""
+    """'digits', 'mnist', 'fashion-mnist', an IDX folder, an image folder, an .npz or a CSV file."""
     val_fraction: float = 0.1
     """Share of the training set held out (stratified) for validation and early stopping."""
     split_seed: int = 0
     """Seed of the validation split (the same for every member and later stages)."""
+    layout: str = "auto"
+    """--layout: auto, nchw, nhwc or features: how the arrays are laid out (auto decides only unambiguous shapes)."""
+    label_column: str | None = None
+    """--label-column: a CSV's label column (default: the last one)."""
+    test_fraction: float = 0.2
+    """--test-fraction: test share carved (seeded, stratified) from a CSV or image folder without a test split."""
+    image_size: str | None = None
+    """--image-size: H,W to resize an image folder's images to."""
     combine: str = "arithmetic"
     """'arithmetic' (mean of the members' probabilities) or 'geometric' (normalized product)."""
     temperature: float = 1.0
@@ -82,6 +90,9 @@ class EnsembleConfig:
     """Optimisation settings of every member (flat keys: epochs, lr, jitter, seed, ...)."""
 
     def __post_init__(self):
+        from kdens.data import resolve_spec
+
+        self.data = resolve_spec(self.data)
         if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 2:
             raise ConfigError(f"--members {self.members!r} must be an integer >= 2 (an ensemble of one is a "
                               "generalist: use kdens train-generalist)")
@@ -123,4 +134,5 @@ class EnsembleConfig:
         """
         name, kwargs = self.architectures()[k % len(self.architectures())]
         return GeneralistConfig(model=name, data=self.data, model_args=kwargs, val_fraction=self.val_fraction,
-                                split_seed=self.split_seed, train=replace(self.train, seed=self.train.seed + k))
+                                split_seed=self.split_seed, layout=self.layout, label_column=self.label_column,
+                                test_fraction=self.test_fraction, image_size=self.image_size, train=replace(self.train, seed=self.train.seed + k))

@@ -16,6 +16,7 @@ ensemble's metrics and manifest (identical files if two happen to do it).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -33,10 +34,10 @@ from kdens.artifacts import (
     write_manifest,
 )
 from kdens.config import to_dict
-from kdens.data import Dataset, load_dataset
+from kdens.data import Dataset
 from kdens.errors import ArtifactError
-from kdens.runs import prepare_run_dir, run_data, same_settings, sub_run_plan, train_model
-from kdens.models import build_model, load_model
+from kdens.runs import load_data, prepare_run_dir, run_data, same_settings, sub_run_plan, train_model
+from kdens.models import build_for_data, load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
 
@@ -137,9 +138,9 @@ def run(cfg: EnsembleConfig, run_dir: Path, *, resume: bool = False, force: bool
     run_dir = Path(run_dir)
     r, world = rank_and_world(rank, world_size)
     # Validate everything that can fail on bad input before the first write.
-    data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    data = load_data(dataclasses.asdict(cfg))
     for name, kwargs in cfg.architectures():
-        build_model(name, data.num_classes, data.input_shape, **kwargs)
+        build_for_data(name, data, kwargs)
     if (run_dir / MANIFEST).exists() and not force:
         raise ArtifactError(f"{run_dir} already holds a finished ensemble; choose another --out, "
                             "or pass --force to retrain")

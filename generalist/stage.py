@@ -5,15 +5,16 @@ Hard-label baselines of students are generalist runs too (kind ``baseline`` in a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from kdens.artifacts import write_manifest
 from kdens.config import GeneralistConfig, to_dict
-from kdens.data import load_dataset, stratified_subset
+from kdens.data import stratified_subset
 from kdens.evaluate import evaluate_model
-from kdens.models import build_model, load_model
-from kdens.runs import data_config, prepare_run_dir, run_data, train_model
+from kdens.models import build_for_data, load_model
+from kdens.runs import check_augmentation, data_config, load_data, prepare_run_dir, run_data, train_model
 from kdens.train import CHECKPOINT
 
 
@@ -23,8 +24,9 @@ def run(cfg: GeneralistConfig, run_dir: Path, *, resume: bool = False, force: bo
     t0 = time.time()
     run_dir = Path(run_dir)
     # Validate everything that can fail on bad input before the first write.
-    data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    build_model(cfg.model, data.num_classes, data.input_shape, **cfg.model_args)
+    data = load_data(dataclasses.asdict(cfg))
+    build_for_data(cfg.model, data, cfg.model_args)
+    check_augmentation(data, cfg.train)
     prepare_run_dir(run_dir, resume, force, "generalist")
     x, y = data.x_train, data.y_train
     if cfg.train_fraction < 1.0:

@@ -112,7 +112,7 @@ class GeneralistConfig:
     model: str
     """Registry name (mlp, cnn, lenet5) or package.module:factory."""
     data: str = "digits"
-    """'digits', 'fashion-mnist', an IDX folder or an .npz file."""
+    """'digits', 'mnist', 'fashion-mnist', an IDX folder, an image folder, an .npz or a CSV file."""
     model_args: dict = field(default_factory=dict)
     """Model keyword arguments, e.g. {hidden = [1200, 1200], dropout = 0.5}."""
     train_fraction: float = 1.0
@@ -121,10 +121,21 @@ class GeneralistConfig:
     """Share of the training set held out (stratified) for validation."""
     split_seed: int = 0
     """Seed of the validation split and train-fraction subset (fixed across stages)."""
+    layout: str = "auto"
+    """--layout: auto, nchw, nhwc or features: how the arrays are laid out (auto decides only unambiguous shapes)."""
+    label_column: str | None = None
+    """--label-column: a CSV's label column (default: the last one)."""
+    test_fraction: float = 0.2
+    """--test-fraction: test share carved (seeded, stratified) from a CSV or image folder without a test split."""
+    image_size: str | None = None
+    """--image-size: H,W to resize an image folder's images to."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings (flat keys: epochs, lr, jitter, ...)."""
 
     def __post_init__(self):
+        from kdens.data import resolve_spec
+
+        self.data = resolve_spec(self.data)
         if not 0.0 < self.train_fraction <= 1.0:
             raise ConfigError(f"--train-fraction {self.train_fraction} must be in (0, 1]")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -1,9 +1,11 @@
 """Datasets: scikit-learn's digits (embedded), MNIST and Fashion-MNIST (fetched once, verified and
 cached by :mod:`kdens.datasets`), MNIST-format IDX folders, .npz files.
 
-Every dataset comes back as a :class:`Dataset` of float32 images (N, 1, H, W) in [0, 1]
-and int64 labels, with a seeded, stratified validation split carved from the training
-set and a fingerprint (sha256 of the arrays and the split) that goes into manifests.
+Every dataset comes back as a :class:`Dataset` of float32 inputs, images (N, C, H, W) or
+feature vectors (N, D), and int64 labels 0..C-1, with a seeded, stratified validation split
+carved from the training set, the per-channel or per-feature normalization the models apply
+(when the inputs need one), and a fingerprint (sha256 of the arrays and the split) that goes
+into manifests. Users' CSV files and image folders are read by :mod:`kdens.loaders`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ NAMED_CLASSES = {"mnist": [str(i) for i in range(10)], "fashion-mnist": FASHION_
 """Class names of the datasets kdens.datasets fetches by name."""
 DATA_SPECS_HELP = (
     "'digits', 'mnist', 'fashion-mnist' (fetched once into $KDENS_DATA, default ~/.cache/kdens), "
-    "a folder of MNIST-format IDX files, or an .npz with x_train, y_train, x_test, y_test"
+    "a folder of MNIST-format IDX files, an image folder (DIR/<class>/*.png, or DIR/train/ and DIR/test/), "
+    "an .npz with x_train, y_train, x_test, y_test, or a CSV (train.csv or train.csv,test.csv)"
 )
 
 
@@ -46,14 +49,20 @@ class Dataset:
     class_names: list[str]
     fingerprint: str
     split: dict = field(default_factory=dict)
+    layout: str = "nchw"
+    """How the user's arrays were laid out: nchw, nhwc (images; stored here as NCHW) or features."""
+    normalization: dict | None = None
+    """Per-channel (images) or per-feature mean and std of the training split, applied inside every
+    model built on this data (``kdens.models.build_model(input_norm=...)``); None: inputs are used
+    as they are (uint8 images scaled to [0, 1], or floats already in [0, 1])."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
 
     def describe(self) -> dict:
         return {
@@ -66,6 +75,8 @@ class Dataset:
             "class_names": self.class_names,
             "fingerprint": self.fingerprint,
             "split": self.split,
+            "layout": self.layout,
+            "normalization": self.normalization,
         }
 
 
@@ -158,38 +169,85 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y):
             raise DataError(f"{path}: x_{split} has {len(x)} rows but y_{split} {len(y)}")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{path}: y_{split} must be a 1-D integer array, got {y.dtype} {y.shape}")
+        if y.ndim != 1:
+            raise DataError(f"{path}: y_{split} must hold one label per example, got shape {y.shape}")
         if x.ndim not in (2, 3, 4):
-            raise DataError(f"{path}: x_{split} must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}")
+            raise DataError(f"{path}: x_{split} must be (N, D), (N, H, W), (N, C, H, W) or (N, H, W, C), "
+                            f"got {x.shape}")
     return arrays
 
 
 # ---------------------------------------------------------------- normalisation and splits
 
 
-def _to_images(x: np.ndarray, source: str) -> np.ndarray:
-    """(N, H, W) / (N, C, H, W) / (N, D) → float32 (N, C, H, W) in [0, 1]."""
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
+LAYOUTS = ("auto", "nchw", "nhwc", "features")
+
+
+def resolve_layout(shape: tuple[int, ...], layout: str, source: str) -> str:
+    """The layout of arrays of ``shape`` (N, ...): the one given, or, for ``auto``, the only reading.
+
+    ``auto`` decides only when the shape is unambiguous: 2-D arrays are feature vectors, 3-D
+    ones grey images (N, H, W); a 4-D array is NHWC when its last axis is 1, 3 or 4 and smaller
+    than both image axes, NCHW when its second axis is; anything else stops, naming the shape.
+    """
+    if layout not in LAYOUTS:
+        raise DataError(f"--layout {layout!r} unknown; valid: {', '.join(LAYOUTS)}")
+    nd = len(shape)
+    if layout == "features":
+        if nd != 2:
+            raise DataError(f"{source}: --layout features needs (N, D) arrays, got {shape}")
+        return layout
+    if layout in ("nchw", "nhwc"):
+        if nd != 4:
+            raise DataError(f"{source}: --layout {layout} needs 4-D arrays, got {shape}")
+        return layout
+    if nd == 2:
+        return "features"
+    if nd == 3:
+        return "nchw"  # (N, H, W): one grey channel, added below
+    nhwc = shape[3] in (1, 3, 4) and shape[3] < min(shape[1], shape[2])
+    nchw = shape[1] in (1, 3, 4) and shape[1] < min(shape[2], shape[3])
+    if nhwc != nchw:
+        return "nhwc" if nhwc else "nchw"
+    raise DataError(f"{source}: cannot tell the layout of arrays shaped {shape}: pass --layout nchw "
+                    "(N, C, H, W) or --layout nhwc (N, H, W, C)")
+
+
+def _to_model_input(x: np.ndarray, layout: str, source: str) -> np.ndarray:
+    """The user's array in ``layout`` -> float32 features (N, D) or images (N, C, H, W).
+
+    uint8 images are scaled to [0, 1]; other values are kept as they are (a run whose inputs
+    are not in [0, 1] standardises them inside its models, see :func:`normalization`).
+    """
+    if layout == "features":
+        if not np.issubdtype(x.dtype, np.number):
+            raise DataError(f"{source}: features must be numbers, got {x.dtype}")
+        out = x.astype(np.float32)
     else:
-        x = x.astype(np.float32)
-        lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
-        if lo < 0.0 or hi > 1.0:
-            raise DataError(
-                f"{source}: float pixel values span [{lo:.3g}, {hi:.3g}]; scale them to [0, 1] "
-                "(or store uint8 0–255)"
-            )
-    if x.ndim == 2:
-        side = int(round(np.sqrt(x.shape[1])))
-        if side * side != x.shape[1]:
-            raise DataError(f"{source}: flat rows of {x.shape[1]} values are not a square image")
-        x = x.reshape(len(x), 1, side, side)
-    elif x.ndim == 3:
-        x = x[:, None]
-    if not np.isfinite(x).all():
-        raise DataError(f"{source}: images contain NaN or inf")
-    return np.ascontiguousarray(x)
+        if x.ndim == 3:
+            x = x[:, None]
+        elif layout == "nhwc":
+            x = x.transpose(0, 3, 1, 2)
+        out = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(f"{source}: the inputs contain NaN or inf; fill or drop those examples")
+    return np.ascontiguousarray(out)
+
+
+def normalization(x_train: np.ndarray, layout: str) -> dict | None:
+    """Mean and std of the training split per feature or per channel, when inputs need them.
+
+    Features always do (their natural ranges differ); images only when they are not uint8 or
+    [0, 1] floats. A constant feature or channel gets std 1 (it then only shifts).
+    """
+    if layout != "features" and float(x_train.min(initial=0.0)) >= 0.0 and float(x_train.max(initial=0.0)) <= 1.0:
+        return None
+    axes = (0,) if layout == "features" else (0, 2, 3)
+    mean = x_train.mean(axis=axes, dtype=np.float64)
+    std = x_train.std(axis=axes, dtype=np.float64)
+    std[std < 1e-12] = 1.0
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "over": "train split",
+            "per": "feature" if layout == "features" else "channel"}
 
 
 def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -216,27 +274,36 @@ def _fingerprint(arrays: dict[str, np.ndarray], split: dict) -> str:
 
 
 def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
-           source: str, val_fraction: float, split_seed: int) -> Dataset:
-    y_train = raw["y_train"].astype(np.int64)
-    y_test = raw["y_test"].astype(np.int64)
-    for split, y in (("train", y_train), ("test", y_test)):
-        if len(y) == 0:
+           source: str, val_fraction: float, split_seed: int, layout: str = "auto") -> Dataset:
+    from kdens.loaders import map_labels
+
+    raw = {k: raw[k] for k in IDX_FILES}
+    for split in ("train", "test"):
+        if len(raw[f"y_{split}"]) == 0:
             raise DataError(f"{source}: the {split} split is empty")
-        if y.min() < 0:
-            raise DataError(f"{source}: negative label {int(y.min())} in the {split} split")
-    num_classes = len(class_names) if class_names else int(y_train.max()) + 1
-    for split, y in (("train", y_train), ("test", y_test)):
-        if y.max() >= num_classes:
-            raise DataError(
-                f"{source}: label {int(y.max())} in the {split} split is out of range "
-                f"for {num_classes} classes (0..{num_classes - 1})"
-            )
+        if len(raw[f"x_{split}"]) != len(raw[f"y_{split}"]):
+            raise DataError(f"{source}: x_{split} has {len(raw[f'x_{split}'])} rows but y_{split} "
+                            f"{len(raw[f'y_{split}'])} labels")
+    if raw["x_train"].shape[1:] != raw["x_test"].shape[1:]:
+        raise DataError(f"{source}: training examples are shaped {raw['x_train'].shape[1:]} but test examples "
+                        f"{raw['x_test'].shape[1:]}; they must match (same size, same channels)")
+    if class_names is None:  # labels of any values -> 0..C-1, their values kept as names
+        y_train, y_test, class_names = map_labels(raw["y_train"], raw["y_test"], source)
+    else:
+        y_train, y_test = raw["y_train"].astype(np.int64), raw["y_test"].astype(np.int64)
+        for split, y in (("train", y_train), ("test", y_test)):
+            if y.min() < 0 or y.max() >= len(class_names):
+                raise DataError(f"{source}: label {int(y.max())} in the {split} split is out of range "
+                                f"for {len(class_names)} classes (0..{len(class_names) - 1})")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} must be in [0, 1)")
+    layout = resolve_layout(raw["x_train"].shape, layout, source)
     split = {"val_fraction": val_fraction, "split_seed": split_seed}
+    if layout not in ("nchw",):  # a new reading of the same arrays is a different dataset
+        split["layout"] = layout
     fingerprint = _fingerprint(raw, split)
-    x_train = _to_images(raw["x_train"], source)
-    x_test = _to_images(raw["x_test"], source)
+    x_train = _to_model_input(raw["x_train"], layout, source)
+    x_test = _to_model_input(raw["x_test"], layout, source)
     if val_fraction > 0:
         val_idx = stratified_subset(y_train, val_fraction, split_seed)
         mask = np.ones(len(y_train), bool)
@@ -249,9 +316,11 @@ def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
         x_train=x_train[tr_idx], y_train=y_train[tr_idx],
         x_val=x_train[val_idx], y_val=y_train[val_idx],
         x_test=x_test, y_test=y_test,
-        class_names=class_names or [str(c) for c in range(num_classes)],
+        class_names=list(class_names),
         fingerprint=fingerprint,
         split=split,
+        layout=layout,
+        normalization=normalization(x_train[tr_idx], layout),
     )
 
 
@@ -268,30 +337,64 @@ def _digits_raw() -> dict[str, np.ndarray]:
     return {"x_train": x[mask], "y_train": y[mask], "x_test": x[test_idx], "y_test": y[test_idx]}
 
 
-def load_dataset(spec: str, *, val_fraction: float = 0.1, split_seed: int = 0) -> Dataset:
-    """Load a dataset by spec: 'digits', 'mnist', 'fashion-mnist', an IDX folder or an .npz file.
+def load_dataset(spec: str, *, val_fraction: float = 0.1, split_seed: int = 0, layout: str = "auto",
+                 label_column: str | None = None, test_fraction: float = 0.2, image_size=None) -> Dataset:
+    """Load a dataset by spec: 'digits', 'mnist', 'fashion-mnist', an IDX folder, an image folder,
+    an .npz file, or a CSV file (``train.csv`` or ``train.csv,test.csv``).
 
     Args:
         spec: what to load (see ``DATA_SPECS_HELP``).
         val_fraction: share of the training set held out, stratified, for validation.
-        split_seed: seed of that split; fixed across stages so every stage sees the same
-            validation examples (never the run's training seed).
+        split_seed: seed of that split and of a test split carved by ``test_fraction``; fixed
+            across stages so every stage sees the same examples (never the run's training seed).
+        layout: auto, nchw, nhwc or features (see :func:`resolve_layout`).
+        label_column: a CSV's label column (default: the last one).
+        test_fraction: the test share carved, stratified, from a CSV or image folder without a
+            test split of its own.
+        image_size: ``"H,W"``: resize an image folder's images to this size.
     """
+    from kdens import loaders
+
     spec = str(spec)
     if spec == "digits":
-        return _build("digits", _digits_raw(), [str(i) for i in range(10)], "digits", val_fraction, split_seed)
+        return _build("digits", _digits_raw(), [str(i) for i in range(10)], "digits", val_fraction, split_seed,
+                      layout)
     if spec in NAMED_CLASSES:  # a named dataset wins over a folder of the same name: pass ./mnist for that
         raws = datasets.fetch(spec)
         where = str(Path(raws[IDX_FILES["x_train"]][1]).parent)
-        return _build(spec, idx_arrays(raws, where), NAMED_CLASSES[spec], where, val_fraction, split_seed)
+        return _build(spec, idx_arrays(raws, where), NAMED_CLASSES[spec], where, val_fraction, split_seed, layout)
+    first = Path(spec.split(",")[0].strip()).expanduser()
+    if first.suffix.lower() == ".csv":
+        raw = loaders.load_csv(spec, label_column=label_column, test_fraction=test_fraction, seed=split_seed)
+        return _build(first.stem, raw, raw["class_names"], spec, val_fraction, split_seed,
+                      "features" if layout == "auto" else layout)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _build(path.name, load_idx_folder(path), None, str(path), val_fraction, split_seed)
+        if any((path / stem).exists() or (path / f"{stem}.gz").exists() for stem in IDX_FILES.values()):
+            return _build(path.name, load_idx_folder(path), None, str(path), val_fraction, split_seed, layout)
+        if loaders.is_image_folder(path):
+            raw = loaders.load_image_folder(path, image_size=loaders.parse_image_size(image_size),
+                                            test_fraction=test_fraction, seed=split_seed)
+            return _build(path.name, raw, raw["class_names"], str(path), val_fraction, split_seed, layout)
+        raise DataError(f"--data {spec!r}: a folder, but neither MNIST-format IDX files nor an image folder "
+                        "(DIR/<class>/*.png or DIR/train/<class>/* and DIR/test/<class>/*)")
     if path.suffix == ".npz" and path.is_file():
-        return _build(path.stem, _load_npz(path), None, str(path), val_fraction, split_seed)
+        return _build(path.stem, _load_npz(path), None, str(path), val_fraction, split_seed, layout)
     if not path.exists():
         raise DataError(f"--data {spec!r}: no such dataset, folder or file; use {DATA_SPECS_HELP}")
     raise DataError(f"--data {spec!r}: unsupported file type; use {DATA_SPECS_HELP}")
+
+
+def resolve_spec(spec: str) -> str:
+    """A data spec with its file or folder paths made absolute (named datasets stay names), so a
+    run folder's manifest finds its data from any working directory."""
+    spec = str(spec)
+    if spec == "digits" or spec in NAMED_CLASSES:
+        return spec
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(Path(p).expanduser().exists() for p in parts):
+        return spec  # not a path (or missing): load_dataset names it
+    return ",".join(str(Path(p).expanduser().resolve()) for p in parts)
 
 
 def load_unlabeled(path: Path) -> np.ndarray:
@@ -304,9 +407,10 @@ def load_unlabeled(path: Path) -> np.ndarray:
             key = "x" if "x" in z.files else "x_train" if "x_train" in z.files else None
             if key is None:
                 raise DataError(f"{path} has no 'x' (or 'x_train') array; it has {', '.join(z.files)}")
-            return _to_images(np.asarray(z[key]), str(path))
+            x = np.asarray(z[key])
+            return _to_model_input(x, resolve_layout(x.shape, "auto", str(path)), str(path))
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     arr = parse_idx(raw, str(path))
     if arr.ndim != 3:
         raise DataError(f"{path}: expected an IDX images file (rank 3), got rank {arr.ndim}")
-    return _to_images(arr, str(path))
+    return _to_model_input(arr, "nchw", str(path))

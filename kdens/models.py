@@ -175,22 +175,85 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
     )
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs) -> nn.Module:
-    """Build a registry model or a user factory ``f(num_classes, input_shape, **kwargs)``."""
+class Standardized(nn.Module):
+    """``(x - mean) / std`` per feature or per channel, then the model.
+
+    The normalization fitted on a run's training split lives inside the model (as buffers in
+    its safetensors), so every stage, every teacher and every exported artifact takes the
+    inputs as the user has them.
+    """
+
+    def __init__(self, core: nn.Module, mean: list[float], std: list[float], per: str):
+        super().__init__()
+        self.core = core
+        shape = (1, -1) if per == "feature" else (1, -1, 1, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(shape))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).reshape(shape))
+
+    @property
+    def head(self) -> nn.Linear:
+        """The wrapped model's output layer (specialists copy rows from it)."""
+        return self.core.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core((x - self.mean) * self.inv_std)  # (B, C)
+
+
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, input_norm: dict | None = None,
+                **kwargs) -> nn.Module:
+    """Build a registry model or a user factory ``f(num_classes, input_shape, **kwargs)``, checked.
+
+    A probe forward on two zero inputs must give ``(2, num_classes)`` logits, so a factory that
+    raises or answers the wrong width stops here, naming it, not after training. With
+    ``input_norm`` (a dataset's ``normalization``) the model is wrapped in :class:`Standardized`.
+    """
     factory = _resolve(name)
     try:
         model = factory(num_classes, tuple(input_shape), **kwargs)
+    except ModelError:
+        raise
     except TypeError as e:
         raise ModelError(f"--model {name}: bad --model-arg ({e})") from None
+    except Exception as e:  # a user's factory: anything it raises is bad input, named
+        raise ModelError(f"--model {name}: the factory raised {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model {name}: factory returned {type(model).__name__}, not an nn.Module")
+    if input_norm:
+        model = Standardized(model, input_norm["mean"], input_norm["std"], input_norm.get("per", "channel"))
+    _probe(model, name, num_classes, tuple(input_shape))
     return model
 
 
-def model_spec(name: str, num_classes: int, input_shape, kwargs: dict) -> dict:
+def _probe(model: nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...]) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:
+        raise ModelError(f"--model {name}: a forward pass on inputs of shape {(2, *input_shape)} failed "
+                         f"({type(e).__name__}: {e}); the model must take this data's inputs") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"--model {name}: its output for 2 inputs is {got}, expected (2, {num_classes}) "
+                         f"logits, one per class of this data")
+
+
+def model_spec(name: str, num_classes: int, input_shape, kwargs: dict, input_norm: dict | None = None) -> dict:
     """The JSON description stored as ``model.json``; enough to rebuild the module."""
-    return {"name": name, "num_classes": int(num_classes), "input_shape": list(input_shape),
-            "kwargs": dict(kwargs)}
+    spec = {"name": name, "num_classes": int(num_classes), "input_shape": list(input_shape), "kwargs": dict(kwargs)}
+    if input_norm:
+        spec["input_norm"] = input_norm
+    return spec
+
+
+def build_for_data(name: str, data, model_args: dict) -> tuple[nn.Module, dict]:
+    """(model, spec) of ``name`` for ``data``: its classes, input shape and normalization."""
+    norm = getattr(data, "normalization", None)
+    model = build_model(name, data.num_classes, data.input_shape, input_norm=norm, **model_args)
+    return model, model_spec(name, data.num_classes, data.input_shape, model_args, norm)
 
 
 def count_params(model: nn.Module) -> int:
@@ -218,7 +281,8 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Mo
     run_dir = Path(run_dir)
     require_files(run_dir, ["model.json", "model.safetensors"], ("generalist", "student"))
     spec = read_json(run_dir / "model.json")
-    model = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
+    model = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]),
+                        input_norm=spec.get("input_norm"), **spec["kwargs"])
     try:
         model.load_state_dict(load_file(run_dir / "model.safetensors", device=str(device)))
     except (RuntimeError, OSError) as e:

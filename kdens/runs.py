@@ -14,18 +14,23 @@ import torch
 
 from kdens.artifacts import MANIFEST, atomic_write_json, to_json
 from kdens.data import Dataset, load_dataset
-from kdens.errors import ArtifactError
+from kdens.errors import ArtifactError, ConfigError
 from kdens.evaluate import evaluate_model
-from kdens.models import build_model, count_params, model_spec, save_model
+from kdens.models import build_for_data, count_params, save_model
 from kdens.train import CHECKPOINT, TrainConfig, fit
 
-DATA_DEFAULTS = {"data": "digits", "val_fraction": 0.1, "split_seed": 0, "train_fraction": 1.0}
+DATA_DEFAULTS = {"data": "digits", "val_fraction": 0.1, "split_seed": 0, "train_fraction": 1.0, "layout": "auto",
+                 "label_column": None, "test_fraction": 0.2, "image_size": None}
+_LOADER_KEYS = ("val_fraction", "split_seed", "layout", "label_column", "test_fraction", "image_size")
 """The settings that decide which examples a run saw, with the defaults of runs that predate them."""
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool, what: str) -> None:
     """Refuse to clobber finished or interrupted work unless asked; called before any write."""
     run_dir = Path(run_dir)
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"--out {run_dir}: {folder} is a file, not a folder; choose another --out")
     if (run_dir / MANIFEST).exists() and not force:
         raise ArtifactError(
             f"{run_dir} already holds a finished {what}; choose another --out, or pass --force to retrain"
@@ -56,17 +61,29 @@ def data_config(manifest: dict) -> dict:
     return {k: default if cfg.get(k) is None else cfg[k] for k, default in DATA_DEFAULTS.items()}
 
 
+def load_data(config: dict) -> Dataset:
+    """The dataset a data config (``data_config`` keys, or a stage config's) describes."""
+    cfg = {k: default if config.get(k) is None else config[k] for k, default in DATA_DEFAULTS.items()}
+    return load_dataset(cfg["data"], **{k: cfg[k] for k in _LOADER_KEYS})
+
+
 def run_data(manifest: dict) -> Dataset:
     """The dataset a run was trained on, checked against the fingerprint in its manifest."""
-    cfg = data_config(manifest)
-    data = load_dataset(cfg["data"], val_fraction=cfg["val_fraction"], split_seed=cfg["split_seed"])
+    data = load_data(data_config(manifest))
     recorded = manifest.get("data_fingerprint")
     if recorded is not None and data.fingerprint != recorded:
         raise ArtifactError(
-            f"the data behind {cfg['data']!r} changed since this run was made "
+            f"the data behind {data_config(manifest)['data']!r} changed since this run was made "
             f"(fingerprint {data.fingerprint[:12]} != {str(recorded)[:12]}); retrain"
         )
     return data
+
+
+def check_augmentation(data: Dataset, train: TrainConfig) -> None:
+    """Refuse augmentation the data cannot take: ``--jitter`` shifts images, not feature vectors."""
+    if train.jitter and data.layout == "features":
+        raise ConfigError(f"--jitter {train.jitter} shifts images by pixels, but {data.name} holds feature vectors "
+                          "(layout features); drop --jitter")
 
 
 def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict, train: TrainConfig,
@@ -77,11 +94,11 @@ def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict,
     Shared by the generalist stage, hard-label baselines and ensemble members. Returns
     (model, spec, metrics).
     """
+    check_augmentation(data, train)
     x = data.x_train if x is None else x
     y = data.y_train if y is None else y
     torch.manual_seed(train.seed)  # the run's seed also fixes the initial weights
-    model = build_model(model_name, data.num_classes, data.input_shape, **model_args)
-    spec = model_spec(model_name, data.num_classes, data.input_shape, model_args)
+    model, spec = build_for_data(model_name, data, model_args)
     key = run_key(spec, train.to_dict(), data.fingerprint, len(y), extra_key)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = fit(model, x, y, data.x_val, data.y_val, train, ckpt_dir=run_dir, resume=resume,

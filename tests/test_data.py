@@ -61,7 +61,7 @@ def test_idx_label_count_mismatch_and_range(idx_folder):
         D.load_dataset(str(idx_folder))
     # test labels beyond the classes seen in training
     write_idx(idx_folder / "t10k-labels-idx1-ubyte", np.full(30, 7, np.uint8))
-    with pytest.raises(DataError, match="out of range"):
+    with pytest.raises(DataError, match="test label.*7.*never occur in training"):
         D.load_dataset(str(idx_folder))
 
 
@@ -91,11 +91,16 @@ def test_npz(tmp_path):
     np.savez(bad, x_train=np.zeros((5, 4)), y_train=np.zeros(5, int))
     with pytest.raises(DataError, match="lacks x_test, y_test"):
         D.load_dataset(str(bad))
-    wide = tmp_path / "wide.npz"
-    np.savez(wide, x_train=np.full((5, 4, 4), 3.0), y_train=np.zeros(5, int),
-             x_test=np.zeros((2, 4, 4)), y_test=np.zeros(2, int))
-    with pytest.raises(DataError, match="scale them to"):
-        D.load_dataset(str(wide))
+    wide = tmp_path / "wide.npz"  # floats beyond [0, 1]: kept, and standardised inside the models
+    np.savez(wide, x_train=np.full((6, 4, 4), 3.0) + np.arange(6)[:, None, None], y_train=np.arange(6) % 2,
+             x_test=np.zeros((2, 4, 4)), y_test=np.array([0, 1]))
+    ds = D.load_dataset(str(wide), val_fraction=0.0)
+    assert ds.x_train.max() == 8.0 and ds.normalization["mean"] == [5.5] and ds.normalization["per"] == "channel"
+    single = tmp_path / "single.npz"
+    np.savez(single, x_train=np.zeros((5, 4, 4)), y_train=np.zeros(5, int), x_test=np.zeros((2, 4, 4)),
+             y_test=np.zeros(2, int))
+    with pytest.raises(DataError, match="single class"):
+        D.load_dataset(str(single))
     mismatch = tmp_path / "mm.npz"
     np.savez(mismatch, x_train=np.zeros((5, 4, 4)), y_train=np.zeros(4, int),
              x_test=np.zeros((2, 4, 4)), y_test=np.zeros(2, int))

@@ -288,7 +288,8 @@ def test_teacher_interface(run, gen, digits):
     t = load_teacher(str(run))
     assert isinstance(t, SpecialistsTeacher) and t.stage == "specialists"
     assert t.num_classes == 10 and t.input_shape == (1, 8, 8) and t.class_names == digits.class_names
-    assert t.data_config == {"data": "digits", "val_fraction": 0.1, "split_seed": 0, "train_fraction": 1.0}
+    assert t.data_config == {"data": "digits", "val_fraction": 0.1, "split_seed": 0, "train_fraction": 1.0,
+                             "layout": "auto", "label_column": None, "test_fraction": 0.2, "image_size": None}
     assert t.data_fingerprint == digits.fingerprint and len(t.manifest_hashes) == 4
     assert t.manifest_hashes[:2] == [sha256_file(run / "manifest.json"), sha256_file(gen / "manifest.json")]
     x = torch.as_tensor(digits.x_test)

@@ -43,10 +43,18 @@ def data_options(f):
     opts = [
         click.option("--data", type=str,
                      help="digits, mnist, fashion-mnist (fetched once into $KDENS_DATA, default "
-                          "~/.cache/kdens), a folder of IDX files, or an .npz [digits]."),
+                          "~/.cache/kdens), a folder of IDX files, an image folder (DIR/<class>/*.png, "
+                          "or DIR/train/ and DIR/test/), an .npz, or a CSV (train.csv or train.csv,test.csv) "
+                          "[digits]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
                      help="Validation share of the training set [0.1]."),
-        click.option("--split-seed", type=int, help="Seed of the validation split [0]."),
+        click.option("--split-seed", type=int, help="Seed of the validation and test splits [0]."),
+        click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc", "features"]),
+                     help="How the arrays are laid out; auto decides only unambiguous shapes [auto]."),
+        click.option("--label-column", type=str, help="A CSV's label column [the last one]."),
+        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="Test share carved (seeded, stratified) from a CSV or image folder without one [0.2]."),
+        click.option("--image-size", type=str, metavar="H,W", help="Resize an image folder's images to H,W."),
     ]
     for opt in reversed(opts):
         f = opt(f)
