@@ -272,6 +272,18 @@ def _resolve_type(precision: str | FixedType | None, opts: Any) -> FixedType:
     return parse_precision(precision or getattr(opts, "precision", None) or DEFAULT_PRECISION)
 
 
+def _refuse_unsupported(model: nn.Module) -> None:
+    """Refuse, in one line, models whose layers this hls4ml path does not map (before any work)."""
+    from kdens.mobilenet import MobileNetV2
+    from kdens.models import Standardized
+
+    core = model.core if isinstance(model, Standardized) else model
+    if isinstance(core, MobileNetV2):
+        raise ConfigError("--target fpga does not take mobilenet: its depthwise convolutions, residual adds and "
+                          "global average pooling have no checked hls4ml mapping here; deploy it with --target "
+                          "onnx or tflite, or distill an mlp/cnn/lenet5 student for the FPGA")
+
+
 def deploy(model: nn.Module, data: common.DeployData, opts: common.DeployOptions, out_dir: Path,
            precision: str | None = None, backend: str = "Vitis", *, min_agreement: float | None = None,
            max_examples: int | None = MAX_EXAMPLES, headroom_bits: int = 1, io_type: str | None = None,
@@ -298,6 +310,7 @@ def deploy(model: nn.Module, data: common.DeployData, opts: common.DeployOptions
         hardware latency cannot be measured here. ``passed`` is False and ``failures`` says
         why when a check failed (the caller turns that into a failed gate).
     """
+    _refuse_unsupported(model)
     ptype = _resolve_type(precision, opts)
     if min_agreement is None:
         min_agreement = getattr(opts, "min_agreement", None)

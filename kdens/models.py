@@ -1,4 +1,4 @@
-"""Model registry: ``mlp``, ``cnn``, ``lenet5`` and user factories ``package.module:factory``.
+"""Model registry: ``mlp``, ``cnn``, ``lenet5``, ``mobilenet`` and user factories ``package.module:factory``.
 
 Every model maps float images (B, C, H, W) to logits (B, num_classes) and ends in an
 attribute ``head: nn.Linear`` — specialists copy the generalist's output rows from it.
@@ -118,7 +118,14 @@ class LeNet5(nn.Module):
         return self.head(self.body(self.flatten(self.features(x))))  # (B, C)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": cnn, "lenet5": LeNet5}
+def mobilenet(num_classes: int, input_shape: tuple[int, ...], **kwargs) -> nn.Module:
+    """``mobilenet``: the MobileNetV2-style student of :mod:`kdens.mobilenet` (``width=``, ``last=``, ``dropout=``)."""
+    from kdens.mobilenet import MobileNetV2
+
+    return MobileNetV2(num_classes, input_shape, **kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": cnn, "lenet5": LeNet5, "mobilenet": mobilenet}
 
 
 def _check_prob(name: str, p: float) -> None:

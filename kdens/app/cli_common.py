@@ -64,7 +64,7 @@ def data_options(f):
 def model_options(f):
     f = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
                      help="Model argument, repeatable: hidden=1200,1200 dropout=0.5.")(f)
-    return click.option("--model", type=str, help="mlp, cnn, lenet5 or package.module:factory.")(f)
+    return click.option("--model", type=str, help="mlp, cnn, lenet5, mobilenet or package.module:factory.")(f)
 
 
 def run_options(f):
