@@ -42,7 +42,7 @@ class DistillConfig:
     loss: str = "kd"
     """'kd' (alpha*CE + (1-alpha)*T^2*KL), 'soft' (T^2*KL only) or 'logits' (Ba & Caruana L2)."""
     transfer: str = "train"
-    """Transfer set: train | val | fraction=F | omit=C1,C2 | unlabeled=PATH."""
+    """Transfer set: train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S]."""
     fix_bias: bool = False
     """After omit=: shift the omitted classes' output biases by one scalar fitted on validation."""
     baseline: str | None = None

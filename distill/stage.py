@@ -22,6 +22,7 @@ from distill.config import DistillConfig
 from distill.losses import make_loss
 from distill.loop import (agree, cached_loss_fn, cached_targets, init_distributed, online_loss_fn, output_head,
                           shift_bias)
+from distill.munge import munge
 from distill.teachers import (Teacher, cache_options, load_teacher, soft_scores_depend_on_temperature,
                               soft_scores_fn, split_teacher_spec, teacher_log_probs)
 from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratified_fraction
@@ -55,6 +56,8 @@ def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarr
     elif spec.kind == "omit":
         keep = omit_classes(data.y_train, spec.classes, num_classes=data.num_classes)
         x, y = data.x_train[keep], data.y_train[keep]
+    elif spec.kind == "munge":
+        x, y = munge(data.x_train, spec.count, spec.p, spec.s, seed), None
     elif spec.kind == "unlabeled":
         x, y = load_unlabeled(Path(spec.path)), None
         if tuple(x.shape[1:]) != tuple(data.input_shape):

@@ -10,6 +10,8 @@ bias). ``--transfer`` names one of these:
 * ``fraction=F``       a seeded, class-stratified fraction 0 < F <= 1 of the training split
 * ``omit=C1,C2``       the training split without the listed class ids
 * ``unlabeled=PATH``   inputs from a file, no labels (the loss must use alpha = 0)
+* ``munge=N[,p=P,s=S]`` N MUNGE pseudo-examples made from the training split (distill/munge.py),
+                       labelled by the teacher only (alpha = 0)
 
 ``fit_bias_shift`` then fits the omitted classes' bias on the validation split.
 """
@@ -41,11 +43,17 @@ class TransferSpec:
     """Sorted class ids left out, for ``omit=...``."""
     path: str | None = None
     """File with unlabeled inputs, for ``unlabeled=PATH``."""
+    count: int | None = None
+    """Pseudo-examples to make, for ``munge=N``."""
+    p: float = 0.5
+    """MUNGE's per-attribute change probability."""
+    s: float = 1.0
+    """MUNGE's spread divisor."""
 
     @property
     def labeled(self) -> bool:
-        """Whether the transfer set has labels (all forms but ``unlabeled``)."""
-        return self.kind != "unlabeled"
+        """Whether the transfer set has labels (all forms but ``unlabeled`` and ``munge``)."""
+        return self.kind not in ("unlabeled", "munge")
 
     def __str__(self) -> str:
         """Canonical spec string (stable for cache keys): ``omit=3,1`` -> ``omit=1,3``."""
@@ -55,6 +63,8 @@ class TransferSpec:
             return "omit=" + ",".join(str(c) for c in self.classes)
         if self.kind == "unlabeled":
             return f"unlabeled={self.path}"
+        if self.kind == "munge":
+            return f"munge={self.count},p={self.p!r},s={self.s!r}"
         return self.kind
 
 
@@ -104,6 +114,21 @@ def parse_transfer(spec: str) -> TransferSpec:
         if any(c < 0 for c in ids):
             raise _bad(spec, "class ids must be >= 0")
         return TransferSpec(kind="omit", classes=tuple(sorted(set(ids))))
+    if name == "munge":
+        head, *opts = [v.strip() for v in value.split(",")]
+        try:
+            count = int(head)
+            kw = {k.strip(): float(v) for k, _, v in (o.partition("=") for o in opts)}
+        except ValueError:
+            raise _bad(spec, "munge takes N and optional p=P,s=S, e.g. munge=20000,p=0.5,s=1") from None
+        if count <= 0:
+            raise _bad(spec, f"munge=N needs N > 0 pseudo-examples, got {count}")
+        if set(kw) - {"p", "s"}:
+            raise _bad(spec, f"munge knows p= and s=, not {', '.join(sorted(set(kw) - {'p', 's'}))}")
+        p, s_ = kw.get("p", 0.5), kw.get("s", 1.0)
+        if not 0.0 < p <= 1.0 or not s_ > 0:
+            raise _bad(spec, f"munge needs 0 < p <= 1 and s > 0, got p={p}, s={s_}")
+        return TransferSpec(kind="munge", count=count, p=p, s=s_)
     if name == "unlabeled":
         if not value:
             raise _bad(spec, "unlabeled needs a path, e.g. unlabeled=extra.npz")
