@@ -22,7 +22,7 @@ from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model
 @click.option("--loss", type=click.Choice(["kd", "soft", "logits"]),
               help="kd: alpha*CE + (1-alpha)*T^2*KL; soft: T^2*KL; logits: L2 of logits [kd].")
 @click.option("--transfer", type=str, metavar="SET",
-              help="train | val | fraction=F | omit=C1,C2 | unlabeled=PATH [train].")
+              help="train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] (MUNGE pseudo-data) [train].")
 @click.option("--fix-bias/--no-fix-bias", default=None,
               help="After omit=: fit one bias shift of the omitted classes on validation [off].")
 @click.option("--baseline", type=str, metavar="RUN",
