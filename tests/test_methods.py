@@ -166,6 +166,21 @@ def test_logit_losses_gradcheck(name):
     assert torch.autograd.gradcheck(lambda z: m.loss(z, zt, y), (zs,))
 
 
+def test_rkd_angles_from_the_gram_matrix_equal_the_explicit_differences():
+    from distill.methods.rkd import angles, angles_from_gram
+
+    torch.manual_seed(1)
+    for n, d in ((7, 3), (5, 12)):  # narrower and wider than the batch: both paths of angles()
+        e = torch.randn(n, d, dtype=torch.float64) * 3 + 5  # offset: the Gram path must cancel large terms
+        diff = e[None] - e[:, None]
+        unit = F.normalize(diff, p=2, dim=2)
+        want = torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
+        torch.testing.assert_close(angles_from_gram(e), want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(angles(e), want, rtol=0, atol=1e-12)
+        s = e.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x: F.smooth_l1_loss(angles_from_gram(x), want.flip(0)), (s,))
+
+
 def test_feature_losses_gradcheck():
     torch.manual_seed(0)
     s = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)

@@ -10,14 +10,15 @@ the features t_i (teacher) and s_i (student) of a batch at a hint point (flatten
 
 with ``huber`` the smooth L1 loss (delta 1) averaged over all (i, j) / (i, j, k) entries, as
 the authors' code (and torchdistill's RKDLoss); the diagonal terms are 0 on both sides.
-The angles come from the Gram matrix (``angles``): the same numbers in N^3 operations.
+For features wider than the batch the angles come from the Gram matrix (``angles``): the
+same numbers in N^3 instead of N^3 * D operations.
 
 ``L = ce_weight * CE(y, softmax(z_s)) + sum_hints (distance_weight * L_D + angle_weight * L_A)``
 
 Defaults: lambda_D = 25, lambda_A = 50 (the paper's weights), applied to the last hidden
 layer (the paper's classification experiments use the penultimate layer). Distances and
 angles need no equal widths: teacher and student may differ. The angle term holds B^3
-numbers (2M for a batch of 128).
+numbers (2M for a batch of 128), which makes rkd the slowest method per epoch.
 """
 
 from __future__ import annotations
@@ -50,21 +51,34 @@ def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
 def angles(e: Tensor, eps: float = 1e-12) -> Tensor:
     """``<e_ij, e_kj>`` for every anchor j and pair (i, k), flattened: (N, D) -> (N * N * N,), index [j, i, k].
 
-    From the Gram matrix G = e e^T: ``(e_i - e_j) . (e_k - e_j) = G_ik - G_ij - G_kj + G_jj`` over
-    ``max(||e_i - e_j||, eps) * max(||e_k - e_j||, eps)`` (``F.normalize``'s rule), 0 where i = j or
-    k = j. The same numbers as normalising the N x N x D differences (the authors' code), in
-    N^3 instead of N^3 * D operations, computed in float64 so the subtraction loses nothing.
+    ``e_ij = (e_i - e_j) / max(||e_i - e_j||, eps)`` (``F.normalize``'s rule; 0 where i = j), computed
+    the cheaper of two equal ways: from the N x N x D differences when D <= N (the authors' code),
+    else from the Gram matrix (``angles_from_gram``), N^3 instead of N^3 * D operations.
     """
+    if e.shape[1] <= e.shape[0]:
+        diff = e[None, :, :] - e[:, None, :]  # (N, N, D): diff[j, i] = e_i - e_j
+        unit = F.normalize(diff, p=2, dim=2, eps=eps)  # (N, N, D)
+        return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)  # (N * N * N,)
+    return angles_from_gram(e, eps)
+
+
+def angles_from_gram(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """``angles`` from G = e e^T: ``(e_i - e_j) . (e_k - e_j) = G_ik - G_ij - G_kj + G_jj`` over the two norms.
+
+    G and the subtraction are float64 (it cancels large terms); the N^3 products are in the
+    working dtype of ``e``.
+    """
+    dtype = torch.promote_types(e.dtype, torch.float32)
     e64 = e.double()
     g = e64 @ e64.t()  # (N, N)
     g = (g + g.t()) / 2  # exactly symmetric, so the i = j and k = j terms cancel exactly
     sq = g.diagonal()  # (N,)
     # max(||e_i - e_j||, eps) as sqrt(max(d^2, eps^2)): the clamp before the root keeps the diagonal's gradient 0
     inv = 1.0 / (sq[:, None] + sq[None, :] - 2 * g).clamp(min=eps * eps).sqrt()  # (N, N): 1/||e_i - e_j||
-    num = g[None, :, :] - g.t()[:, :, None] - g[:, None, :] + sq[:, None, None]  # (j, i, k): G_ik - G_ij - G_kj + G_jj
     off = 1.0 - torch.eye(len(e), dtype=g.dtype, device=g.device)  # (N, N): 0 where i = j
-    cos = num * (inv * off)[:, :, None] * (inv * off)[:, None, :]  # (j, i, k)
-    return cos.reshape(-1).to(work_dtype(e))
+    a = (inv * off).to(dtype)  # (j, i)
+    num = (g[None, :, :] - g.t()[:, :, None] - g[:, None, :] + sq[:, None, None]).to(dtype)  # (j, i, k)
+    return (num * a[:, :, None] * a[:, None, :]).reshape(-1)
 
 
 def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
