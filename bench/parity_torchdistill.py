@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.losses import kd_loss
 from distill.methods import make_method
 from distill.methods.dist import dist_loss
 from distill.methods.features import fsp_matrix
 from distill.methods.fitnets import hint_loss, regressor
 from distill.methods.fsp import fsp_loss
-from distill.methods.lskd import lskd_loss
 from distill.methods.rkd import rkd_loss
 from kdens.data import load_dataset
 from kdens.models import build_model

@@ -16,6 +16,8 @@ The intra-class term correlates across the batch: it needs batches of at least 2
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -52,7 +54,7 @@ class DIST(Method):
 
     name = "dist"
     paper = "Huang, You, Wang, Qian & Xu 2022, Knowledge Distillation from A Stronger Teacher (NeurIPS)"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "temperature": Param(1.0, TEMPERATURE_HELP + " (the paper's tau)", low=0.0, low_open=True),
         "beta": Param(1.0, "weight of the inter-class (per example) relation", low=0.0),
         "gamma": Param(1.0, "weight of the intra-class (per class, across the batch) relation", low=0.0),

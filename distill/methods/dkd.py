@@ -19,6 +19,8 @@ term (the paper's Eq. 1); DKD drops the ``(1 - p_t^teacher)`` factor and reweigh
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,7 +74,7 @@ class DKD(Method):
 
     name = "dkd"
     paper = "Zhao, Cui, Song, Qiu & Liang 2022, Decoupled Knowledge Distillation (CVPR)"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "temperature": Param(4.0, TEMPERATURE_HELP, low=0.0, low_open=True),
         "alpha": Param(1.0, "weight of the target-class term TCKD", low=0.0),
         "beta": Param(8.0, "weight of the non-target term NCKD", low=0.0),

@@ -23,6 +23,8 @@ paper trains stage 1 to convergence on its own schedule.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 
 import torch
@@ -59,7 +61,7 @@ class FitNets(FeatureMethod):
 
     name = "fitnets"
     paper = "Romero, Ballas, Kahou, Chassang, Gatta & Bengio 2015, FitNets: Hints for Thin Deep Nets (ICLR)"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "hint_epochs": Param(None, "epochs of the hint stage (default: a quarter of --epochs, at least 1)",
                              kind=int, low=1),
         "temperature": Param(3.0, TEMPERATURE_HELP + " in the KD stage", low=0.0, low_open=True),

@@ -26,6 +26,8 @@ bench/parity_torchdistill.py records both.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -50,7 +52,7 @@ class FSP(FeatureMethod):
 
     name = "fsp"
     paper = "Yim, Joo, Bae & Kim 2017, A Gift From Knowledge Distillation (CVPR)"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "fsp_epochs": Param(None, "epochs of the FSP stage (default: a quarter of --epochs, at least 1)",
                             kind=int, low=1),
     }

@@ -11,6 +11,8 @@ soft-target tests check against golden values.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from distill.losses import kd_loss
@@ -25,7 +27,7 @@ class KD(Method):
 
     name = "kd"
     paper = "Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network"
-    params = {"temperature": _T,
+    params: ClassVar[dict[str, Param]] = {"temperature": _T,
               "alpha": Param(0.1, "weight of the hard-label cross-entropy; the soft term gets 1 - alpha",
                              low=0.0, high=1.0)}
 
@@ -40,7 +42,7 @@ class Soft(KD):
     """Soft targets only: ``T^2 * KL(softmax(s_t/T) || softmax(z_s/T))`` (``kd`` with alpha = 0)."""
 
     name = "soft"
-    params = {"temperature": _T,
+    params: ClassVar[dict[str, Param]] = {"temperature": _T,
               "alpha": Param(0.0, "must be 0: soft has no hard-label term", low=0.0, high=1.0)}
 
     @classmethod

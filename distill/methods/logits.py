@@ -10,10 +10,12 @@ it only picks an arithmetic ensemble's soft scores, as for ``kd``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from distill.losses import logit_matching_loss
-from distill.methods.base import TEMPERATURE_HELP, Method, Param, check_logits, cross_entropy, work_dtype
+from distill.methods.base import Method, Param, check_logits, cross_entropy, work_dtype
 from kdens.errors import ConfigError
 
 
@@ -22,7 +24,7 @@ class Logits(Method):
 
     name = "logits"
     paper = "Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?"
-    params = {"temperature": Param(4.0, "unused by the loss; picks an arithmetic ensemble's soft scores",
+    params: ClassVar[dict[str, Param]] = {"temperature": Param(4.0, "unused by the loss; picks an arithmetic ensemble's soft scores",
                                    low=0.0, low_open=True),
               "alpha": Param(0.1, "weight of the hard-label cross-entropy; logit matching gets 1 - alpha",
                              low=0.0, high=1.0)}

@@ -15,11 +15,12 @@ that gives some class probability exactly 0 (log-probability -inf) has no z-scor
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from distill.methods.base import (TEMPERATURE_HELP, Method, Param, check_logits, cross_entropy, kl_at,
-                                  need_labels, work_dtype)
+from distill.methods.base import Method, Param, check_logits, cross_entropy, kl_at, need_labels, work_dtype
 from kdens.errors import ModelError
 
 EPS = 1e-7
@@ -45,7 +46,7 @@ class LSKD(Method):
 
     name = "lskd"
     paper = "Sun, Ren, Li, Wang & Cao 2024, Logit Standardization in Knowledge Distillation (CVPR)"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "temperature": Param(2.0, "base temperature, applied to the z-scored logits", low=0.0, low_open=True),
         "kd_weight": Param(9.0, "weight of the standardized KD term", low=0.0),
         "ce_weight": Param(0.1, "weight of the hard-label cross-entropy", low=0.0),

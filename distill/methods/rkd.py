@@ -23,6 +23,8 @@ numbers (2M for a batch of 128), which makes rkd the slowest method per epoch.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -105,7 +107,7 @@ class RKD(FeatureMethod):
 
     name = "rkd"
     paper = "Park, Kim, Lu & Cho 2019, Relational Knowledge Distillation (CVPR)"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "distance_weight": Param(25.0, "weight of the distance-wise term (lambda_D)", low=0.0),
         "angle_weight": Param(50.0, "weight of the angle-wise term (lambda_A)", low=0.0),
         "ce_weight": Param(1.0, "weight of the hard-label cross-entropy", low=0.0),

@@ -15,6 +15,8 @@ batch-mean KL of ``kd`` (summed over classes), which a multiplier equal to C rep
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from distill.losses import kd_loss
@@ -27,7 +29,7 @@ class TfKDSelf(Method):
     name = "tfkd-self"
     paper = "Yuan, Tay, Li, Wang & Feng 2020, Revisiting Knowledge Distillation via Label Smoothing Regularization"
     teacher = "model"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "temperature": Param(6.0, TEMPERATURE_HELP, low=0.0, low_open=True),
         "alpha": Param(0.95, "weight of the soft term (the paper's alpha); cross-entropy gets 1 - alpha",
                        low=0.0, high=1.0),

@@ -17,6 +17,8 @@ alpha = 0.1 (the released ResNet-18 setting). Needs labels, not ``--teacher``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,7 +47,7 @@ class TfKDVirtual(Method):
     name = "tfkd-virtual"
     paper = "Yuan, Tay, Li, Wang & Feng 2020, Revisiting Knowledge Distillation via Label Smoothing Regularization"
     teacher = "none"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "temperature": Param(20.0, "softening temperature of the designed teacher", low=0.0, low_open=True),
         "alpha": Param(0.1, "weight of the designed-teacher KL (the paper's alpha); cross-entropy gets 1 - alpha",
                        low=0.0, high=1.0),
