@@ -119,7 +119,9 @@ def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup):
     teacher_device = _device(setup.teacher)
 
     def loss_fn(logits: Tensor, xb: Tensor, yb: Tensor | None, idx: Tensor) -> Tensor:
-        student_feats = setup.student_tap.take()  # what the student's forward on xb left at the hints
+        # what the student's forward on xb left at the hints; bf16 under CUDA autocast, upcast like the logits
+        student_feats = [f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
+                         for f in setup.student_tap.take()]
         teacher_logits, teacher_feats = None, []
         if phase.needs_teacher:
             with torch.no_grad():  # the teacher sees the batch the student saw (after jitter)

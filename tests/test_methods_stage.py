@@ -133,6 +133,29 @@ def test_hint_points_resolve_by_module_name_and_default():
             parse_hints([bad])
 
 
+@pytest.mark.parametrize("method", ["fitnets", "fsp", "rkd"])
+def test_feature_losses_take_half_precision_activations(method, digits):
+    """Under CUDA autocast the student's hidden layers are bf16; the loss upcasts them like the logits."""
+    from distill import online
+    from distill.methods import make_method
+
+    torch.manual_seed(0)
+    teacher = build_model("mlp", 10, (1, 8, 8), hidden=[16]).eval()
+    student = build_model("mlp", 10, (1, 8, 8), hidden=[16])
+    m = make_method(method)
+    setup = online.prepare(m, teacher, student, [], digits.x_train, (1, 8, 8), seed=0)
+    phase = m.phases(2)[0]
+    xb = torch.as_tensor(digits.x_train[:8])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = setup.trainee(xb)
+    assert setup.student_tap._seen[0].dtype == torch.bfloat16
+    loss = online._loss_fn(m, phase, setup)(logits.float(), xb, torch.as_tensor(digits.y_train[:8]), None)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert student.body[0].weight.grad is not None and torch.isfinite(student.body[0].weight.grad).all()
+    setup.close()
+
+
 def test_named_hints_on_the_command_line(teachers, tmp_path):
     out = tmp_path / "rkd"
     r = _distill("--method", "rkd", "--teacher", teachers["small"], "--model", "mlp", "--model-arg", "hidden=32,16",
