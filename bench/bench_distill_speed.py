@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from distill.cache import build_or_load, cache_key
-from distill.losses import make_loss
+from distill.methods import make_method
 from distill.loop import cached_loss_fn
 from distill.teachers import load_teacher, teacher_log_probs
 from kdens.artifacts import atomic_write_json
@@ -131,7 +131,7 @@ def main() -> None:
         targets = torch.from_numpy(arr.copy()).to(device)  # as the stage holds them: one tensor on the device
 
         # 2. distillation epoch vs hard-label epoch of the same student
-        loss_fn = cached_loss_fn(make_loss("kd", 4.0, 0.1), targets)
+        loss_fn = cached_loss_fn(make_method("kd", {"temperature": 4.0, "alpha": 0.1}).loss, targets)
         students = {}
         for what in ("hard", "distill"):
             torch.manual_seed(0)

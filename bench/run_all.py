@@ -67,6 +67,10 @@ STEPS: dict[str, list] = {
     "torchdistill": [[".venv-bench/bin/python", "bench/bench_torchdistill.py", "--teacher", "runs/fm/cnn",
                       "--student", "800,800", "--temperature", "20", "--alpha", "0.1", "--grad-clip", "5",
                       "--epochs", "5", "--reps", "1", "--out", "bench/results/torchdistill"]],
+    # every --method on digits (BENCHMARKS.md section 6); the torchdistill parity check runs from its
+    # own venv (bench/parity_torchdistill.py's docstring)
+    "methods": [[PY, "bench/bench_methods.py", "--runs", "runs/digits-methods", "--seeds", "0,1,2", "--epochs", "20",
+                 "--out", "bench/results/methods-digits"]],
     # issue #6 items 2-4; one runs folder, so hard-big-s0 and cnn-big-T4-s0 serve all three
     "sweep": [[PY, "bench/bench_sweep.py", *SWEEP, "--teacher", "cnn=runs/fm/cnn", "--student", "big=800,800",
                "--student", "tiny=30,30", "--temperatures", "1,2,2.5,4,8,20",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from distill.losses import LOSSES
+from distill.methods import LOSS_ALIASES, method_class
+from distill.methods.hints import parse_hints
 from distill.transfer import TransferSpec, parse_transfer
 from kdens.errors import ConfigError
 from kdens.train import TrainConfig
@@ -13,16 +14,18 @@ from kdens.train import TrainConfig
 
 @dataclass
 class DistillConfig:
-    """``kdens distill``: train a student on a teacher's soft targets (Hinton et al. 2015)."""
+    """``kdens distill``: train a student on a teacher's soft targets (Hinton et al. 2015) or by another method."""
 
-    teacher: str
-    """Teacher run folder (generalist, student, ensemble, specialists), or several joined by commas."""
-    model: str
-    """Student registry name (mlp, cnn, lenet5) or package.module:factory."""
+    teacher: str | None = None
+    """Teacher run folder (generalist, student, ensemble, specialists, generations), or several joined by
+    commas; not needed by --method tfkd-virtual."""
+    model: str | None = None
+    """Student registry name (mlp, cnn, lenet5) or package.module:factory; default: the teacher's
+    architecture when the teacher is a single model."""
     model_args: dict = field(default_factory=dict)
     """Student keyword arguments, e.g. {hidden = [800, 800]}."""
     data: str | None = None
-    """Dataset spec; default: the data the (first) teacher was trained on."""
+    """Dataset spec; default: the data the (first) teacher was trained on (digits without a teacher)."""
     val_fraction: float | None = None
     """Validation share of the training split; default: the teacher's."""
     split_seed: int | None = None
@@ -35,12 +38,20 @@ class DistillConfig:
     """--test-fraction of a CSV or image folder; default: the teacher's."""
     image_size: str | None = None
     """--image-size H,W of an image folder; default: the teacher's."""
-    temperature: float = 4.0
-    """Softening temperature T > 0 applied to teacher and student logits in the soft term."""
-    alpha: float = 0.1
-    """Weight of the hard-label cross-entropy in [0, 1]; the soft term gets 1 - alpha."""
-    loss: str = "kd"
-    """'kd' (alpha*CE + (1-alpha)*T^2*KL), 'soft' (T^2*KL only) or 'logits' (Ba & Caruana L2)."""
+    method: str | None = None
+    """Distillation method (distill.methods.METHODS); default kd."""
+    method_args: dict = field(default_factory=dict)
+    """The method's own settings (docs/methods.md); resolved with the paper's defaults."""
+    temperature: float | None = None
+    """Softening temperature T > 0; default the method's (4 for kd). Sets method_args.temperature."""
+    alpha: float | None = None
+    """Weight of the hard-label cross-entropy in [0, 1] for kd / soft / logits (0.1; 0 for soft)."""
+    loss: str | None = None
+    """Alias of method for 'kd' (alpha*CE + (1-alpha)*T^2*KL), 'soft' (T^2*KL only), 'logits' (Ba & Caruana L2)."""
+    hint: list = field(default_factory=list)
+    """Feature methods: TEACHER_MODULE:STUDENT_MODULE points (default head/in:head/in, the last hidden layers)."""
+    generations: int | None = None
+    """Born-again generations: train gen-01..gen-N, each from the one before, into folders under --out."""
     transfer: str = "train"
     """Transfer set: train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S]."""
     fix_bias: bool = False
@@ -56,19 +67,19 @@ class DistillConfig:
         from kdens.data import resolve_spec
 
         self.data = resolve_spec(self.data) if self.data is not None else None
-        if not str(self.teacher).strip():
+        self._resolve_method()
+        if self.teacher is not None and not str(self.teacher).strip():
             raise ConfigError("--teacher is empty; give a run folder (or several, comma-separated)")
-        t = float(self.temperature)
-        if not math.isfinite(t) or t <= 0:
-            raise ConfigError(f"--temperature {self.temperature} must be a finite number > 0 (the paper uses 1..20)")
-        a = float(self.alpha)
-        if not math.isfinite(a) or not 0.0 <= a <= 1.0:
-            raise ConfigError(f"--alpha {self.alpha} must lie in [0, 1] (weight of the hard-label loss)")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"--loss {self.loss!r} unknown; valid: {', '.join(sorted(LOSSES))}")
-        if self.loss == "soft" and a != 0:
-            raise ConfigError(f"--loss soft has no hard-label term, so --alpha must be 0 (got {self.alpha}); "
-                              "use --loss kd to mix in cross-entropy")
+        if self.teacher is None and method_class(self.method).teacher != "none":
+            raise ConfigError(f"--method {self.method} needs --teacher (a run folder, or several joined by commas); "
+                              "only tfkd-virtual trains without one")
+        self._resolve_hints()
+        if self.generations is not None:
+            if isinstance(self.generations, bool) or int(self.generations) < 1:
+                raise ConfigError(f"--generations {self.generations} must be an integer >= 1")
+            if method_class(self.method).teacher == "none":
+                raise ConfigError(f"--generations trains each generation from the one before; --method "
+                                  f"{self.method} uses no teacher, so there is nothing to chain")
         spec = parse_transfer(self.transfer)  # raises ConfigError listing the valid forms
         if self.fix_bias and spec.kind != "omit":
             raise ConfigError(f"--fix-bias needs --transfer omit=C1,... (got --transfer {self.transfer}): "
@@ -78,7 +89,70 @@ class DistillConfig:
         if self.fix_bias and self.val_fraction == 0.0:
             raise ConfigError("--fix-bias fits the shift on the validation split; --val-fraction must be > 0")
 
+    def _resolve_method(self) -> None:
+        """method / --loss alias, and --temperature / --alpha folded into method_args with the defaults."""
+        if self.loss is not None and self.loss not in LOSS_ALIASES:
+            raise ConfigError(f"--loss {self.loss!r} unknown; valid: {', '.join(sorted(LOSS_ALIASES))} "
+                              "(other methods: --method)")
+        if self.method is None:
+            self.method = self.loss or "kd"
+        cls = method_class(self.method)  # ConfigError listing the valid names
+        if self.loss is not None and self.loss != self.method:
+            raise ConfigError(f"--loss {self.loss} and --method {self.method} disagree; --loss is an alias of "
+                              "--method for kd, soft and logits: give one of them")
+        args = {str(k).replace("-", "_"): v for k, v in dict(self.method_args or {}).items()}
+        if self.temperature is not None:
+            t = _finite(self.temperature)
+            if t is None or t <= 0:
+                raise ConfigError(f"--temperature {self.temperature} must be a finite number > 0 "
+                                  "(the paper uses 1..20)")
+            if "temperature" not in cls.params:
+                raise ConfigError(f"--temperature does not apply to --method {self.method}: it softens no "
+                                  "distribution (see docs/methods.md)")
+            _fold(args, "temperature", t, "--temperature", cls)
+        if self.alpha is not None:
+            a = _finite(self.alpha)
+            if a is None or not 0.0 <= a <= 1.0:
+                raise ConfigError(f"--alpha {self.alpha} must lie in [0, 1] (weight of the hard-label loss)")
+            if self.method not in LOSS_ALIASES:
+                raise ConfigError(f"--alpha (kdens' hard-label weight for kd, soft and logits) does not apply to "
+                                  f"--method {self.method}; set its own weights with --method-arg KEY=VALUE "
+                                  f"(keys: {', '.join(cls.params)})")
+            _fold(args, "alpha", a, "--alpha", cls)
+        self.method_args = cls.resolve(args)
+        self.temperature = self.method_args.get("temperature")
+        self.alpha = self.method_args.get("alpha") if self.method in LOSS_ALIASES else None
+        self.loss = self.method if self.method in LOSS_ALIASES else None
+
+    def _resolve_hints(self) -> None:
+        hints = self.hint
+        if hints is None:
+            hints = []
+        elif isinstance(hints, str):
+            hints = [hints]
+        hints = [str(h) for h in hints]
+        if hints and not method_class(self.method).features:
+            raise ConfigError(f"--hint names hidden layers for the feature methods (fitnets, fsp, rkd); "
+                              f"--method {self.method} reads only the outputs")
+        parse_hints(hints)  # ConfigError naming a malformed value
+        self.hint = hints
+
     @property
     def transfer_spec(self) -> TransferSpec:
         """The parsed ``transfer`` value."""
         return parse_transfer(self.transfer)
+
+
+def _finite(value) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _fold(args: dict, key: str, value: float, flag: str, cls) -> None:
+    """Put a flag's value into method_args; a different --method-arg for the same key is an error."""
+    if key in args and cls.params[key].coerce(cls.name, key, args[key]) != value:
+        raise ConfigError(f"{flag} {value:g} and --method-arg {key}={args[key]} disagree; give one of them")
+    args[key] = value

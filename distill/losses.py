@@ -1,6 +1,8 @@
-"""Distillation losses: pure tensor-in, tensor-out functions.
+"""Hinton's loss and logit matching: pure tensor-in, tensor-out functions.
 
-Three losses share one calling convention, ``loss(student_logits, teacher_scores, y)``:
+The methods ``kd``, ``soft`` and ``logits`` (``distill.methods``, whose registry picks
+them by ``--method``) compute these, with one calling convention,
+``loss(student_logits, teacher_scores, y)``:
 
 * ``kd``     -- Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural
   Network": a hard cross-entropy term plus the T^2-scaled KL to the softened teacher.
@@ -24,16 +26,11 @@ term), float64 inputs stay float64.
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdens.errors import ConfigError, ModelError
-
-LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-
 
 def _finite_float(value: object) -> float | None:
     try:
@@ -207,75 +204,3 @@ def logit_matching_loss(student_logits: Tensor, teacher_scores: Tensor) -> Tenso
     zt = teacher_scores.to(dtype)
     diff = (zs - zs.mean(dim=1, keepdim=True)) - (zt - zt.mean(dim=1, keepdim=True))  # (B, C)
     return 0.5 * diff.pow(2).mean()
-
-
-def _make_kd(temperature: float, alpha: float) -> LossFn:
-    def loss(student_logits: Tensor, teacher_scores: Tensor, y: Tensor | None) -> Tensor:
-        return kd_loss(student_logits, teacher_scores, y, temperature, alpha)
-
-    return loss
-
-
-def _make_soft(temperature: float, alpha: float) -> LossFn:
-    if alpha != 0:
-        raise ConfigError(
-            f"--loss soft has no hard-label term, so --alpha must be 0 (got {alpha}); "
-            "use --loss kd to mix in cross-entropy"
-        )
-
-    def loss(student_logits: Tensor, teacher_scores: Tensor, y: Tensor | None) -> Tensor:
-        return kd_loss(student_logits, teacher_scores, None, temperature, 0.0)
-
-    return loss
-
-
-def _make_logits(temperature: float, alpha: float) -> LossFn:
-    # temperature plays no role in logit matching; alpha mixes in cross-entropy as for kd
-    def loss(student_logits: Tensor, teacher_scores: Tensor, y: Tensor | None) -> Tensor:
-        if y is None and alpha > 0:
-            raise ConfigError(
-                f"--alpha {alpha} weights a hard-label loss, but this transfer set has no "
-                "labels; use --alpha 0 with an unlabeled transfer set"
-            )
-        out = student_logits.new_zeros((), dtype=_work_dtype(student_logits))
-        if alpha > 0:
-            _check_shapes(student_logits, teacher_scores, y)
-            out = out + alpha * F.cross_entropy(student_logits.to(out.dtype), y.long())
-        if alpha < 1:
-            out = out + (1.0 - alpha) * logit_matching_loss(student_logits, teacher_scores)
-        return out
-
-    return loss
-
-
-LOSSES: dict[str, Callable[[float, float], LossFn]] = {
-    "kd": _make_kd,
-    "soft": _make_soft,
-    "logits": _make_logits,
-}
-"""Name -> builder ``(temperature, alpha) -> loss(student_logits, teacher_scores, y)``."""
-
-
-def make_loss(name: str, temperature: float = 1.0, alpha: float = 0.0) -> LossFn:
-    """Build a distillation loss by name.
-
-    * ``kd``: ``alpha * CE + (1 - alpha) * T^2 * KL`` (``kd_loss``).
-    * ``soft``: ``T^2 * KL`` only; alpha must be 0; labels are ignored.
-    * ``logits``: ``alpha * CE + (1 - alpha) * logit_matching_loss``; T is unused.
-
-    Args:
-        name: a key of ``LOSSES``.
-        temperature: softening temperature T > 0 (validated for every loss).
-        alpha: weight of the hard-label term, in [0, 1].
-
-    Returns:
-        ``loss(student_logits (B, C), teacher_scores (B, C), y (B,) or None) -> scalar``.
-
-    Raises:
-        ConfigError: unknown name, or invalid temperature / alpha.
-    """
-    if name not in LOSSES:
-        raise ConfigError(f"unknown --loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
-    _check_temperature(temperature)
-    _check_alpha(alpha)
-    return LOSSES[name](float(temperature), float(alpha))

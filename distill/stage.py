@@ -1,28 +1,31 @@
-"""Stage ``distill``: train a small student on a teacher's soft targets (Hinton et al. 2015).
+"""Stage ``distill``: train a small student from a teacher by a distillation method (``--method``).
 
-Reads the teacher run folder(s), picks the transfer set, gets the teacher's scores over
-it (from the soft-target cache, or online under jitter), trains with
-``kdens.train.fit`` and the distillation loss, optionally fixes the omitted classes'
-biases, and writes ``model.safetensors``, ``model.json``, ``metrics.json``,
-``history.json`` and ``manifest.json`` (last) into the student's folder.
+Reads the teacher run folder(s), picks the transfer set, and trains with
+``kdens.train.fit`` and the method's loss: logit methods read the teacher's scores from
+the soft-target cache (online under jitter), feature methods run the teacher online with
+hooks on both networks (``distill.online``), ``tfkd-virtual`` needs no teacher. Then it
+optionally fixes the omitted classes' biases and writes ``model.safetensors``,
+``model.json``, ``metrics.json``, ``history.json`` and ``manifest.json`` (last) into the
+student's folder. ``--generations N`` chains students (``distill.generations``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from distill import online
 from distill.cache import cache_key
 from distill.config import DistillConfig
-from distill.losses import make_loss
 from distill.loop import (agree, cached_loss_fn, cached_targets, init_distributed, online_loss_fn, output_head,
                           shift_bias)
+from distill.methods import make_method
 from distill.munge import munge
+from distill.resolve import check_teacher, resolve_model, unlabeled
 from distill.teachers import (Teacher, cache_options, load_teacher, soft_scores_depend_on_temperature,
                               soft_scores_fn, split_teacher_spec, teacher_log_probs)
 from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratified_fraction
@@ -32,8 +35,8 @@ from kdens.config import to_dict
 from kdens.data import Dataset, load_unlabeled
 from kdens.errors import ConfigError, DataError, KdensError
 from kdens.evaluate import evaluate_model
-from kdens.runs import check_augmentation, load_data, prepare_run_dir, run_key
 from kdens.models import build_for_data, count_params, load_model, model_spec, save_model
+from kdens.runs import check_augmentation, load_data, prepare_run_dir, run_key
 from kdens.train import CHECKPOINT, distributed, fit, predict_logits, resolve_device
 
 STUDENT_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
@@ -73,9 +76,10 @@ def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarr
     return x, y, info
 
 
-def _resolve_data(cfg: DistillConfig, teacher: Teacher) -> DistillConfig:
-    """Fill the data settings left unset (data, val_fraction, split_seed, layout, ...) with the teacher's own."""
-    tdc = teacher.data_config
+def _resolve_data(cfg: DistillConfig, teacher: Teacher | None) -> DistillConfig:
+    """Fill the data settings left unset (data, val_fraction, split_seed, layout, ...) with the teacher's own
+    (digits' defaults without a teacher)."""
+    tdc = teacher.data_config if teacher is not None else {"data": "digits", "val_fraction": 0.1, "split_seed": 0}
     keys = ("data", "val_fraction", "split_seed", "layout", "label_column", "test_fraction", "image_size")
     return dataclasses.replace(cfg, **{k: getattr(cfg, k) if getattr(cfg, k) is not None else tdc.get(k)
                                        for k in keys})
@@ -105,11 +109,18 @@ def run(cfg: DistillConfig, run_dir: Path, *, resume: bool = False, force: bool 
         progress: bool = True) -> Path:
     """Distill the teacher named by ``cfg`` into a student in ``run_dir`` and return the folder.
 
-    Under torchrun (``WORLD_SIZE`` > 1) each rank calls this; the stage joins the process
-    group, rank 0 builds the cache and writes every file, and ``fit`` shards each batch.
+    With ``cfg.generations`` = N the folder holds born-again generations ``gen-01`` ... ``gen-N``
+    (``distill.generations``) and a summary manifest. Under torchrun (``WORLD_SIZE`` > 1) each
+    rank calls this; the stage joins the process group, rank 0 builds the cache and writes
+    every file, and ``fit`` shards each batch.
     """
     created, device_str = init_distributed(cfg.train.device)
     try:
+        if cfg.generations is not None:
+            from distill.generations import run_generations
+
+            return run_generations(cfg, Path(run_dir), resume, force, progress,
+                                   lambda c, d, r, f, p: _run(c, d, r, f, p, device_str))
         return _run(cfg, Path(run_dir), resume, force, progress, device_str)
     finally:
         if created:
@@ -123,30 +134,34 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device_str))
     device = resolve_device(cfg.train.device)
     notes: dict = {"alpha_requested": cfg.alpha}
-    err = None
+    err = features = None
     try:  # everything that can fail on bad input happens before the first write
-        teacher_paths = split_teacher_spec(cfg.teacher)
-        teacher = load_teacher(teacher_paths, device)
-        cfg = _resolve_data(cfg, teacher)
+        teacher_paths = split_teacher_spec(cfg.teacher) if cfg.teacher is not None else []
+        teacher = load_teacher(teacher_paths, device) if teacher_paths else None
+        method = make_method(cfg.method, cfg.method_args)
+        check_teacher(method, teacher, cfg.teacher, world)
+        cfg = resolve_model(_resolve_data(cfg, teacher), teacher)
         data = load_data(dataclasses.asdict(cfg))
-        _check_compatible(teacher, data)
+        if teacher is not None:
+            _check_compatible(teacher, data)
         check_augmentation(data, cfg.train)
         spec = cfg.transfer_spec
         x_tr, y_tr, transfer_info = transfer_set(spec, data, cfg.split_seed)
-        if y_tr is None and cfg.alpha > 0:
-            warnings.warn(f"--transfer {spec} has no labels: --alpha {cfg.alpha} forced to 0 "
-                          "(soft targets only)", UserWarning, stacklevel=2)
-            cfg = dataclasses.replace(cfg, alpha=0.0)
-            notes["alpha_forced_zero"] = True
-        loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
+        if y_tr is None:
+            cfg, method = unlabeled(cfg, method, spec, notes)
         student = _build_student(cfg, data)
         if cfg.fix_bias:
             output_head(student)
+        if method.features:
+            features = online.prepare(method, teacher.model, student, cfg.hint, x_tr, data.input_shape,
+                                      cfg.train.seed)
         baseline = _baseline_errors(Path(cfg.baseline), data, cfg.train.eval_batch_size) if cfg.baseline else None
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run_dir)
         cfg = dataclasses.replace(cfg, cache_dir=str(cache_dir))
         if rank == 0:
             prepare_run_dir(run_dir, resume, force, "student")
+            if method.features:
+                online.check_interrupted(run_dir, method.phases(cfg.train.epochs), resume, force)
     except KdensError as e:
         err = e
     agree(err)
@@ -154,59 +169,82 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
     teacher_fp = getattr(teacher, "data_fingerprint", None)
     notes["teacher_data_fingerprint"] = teacher_fp
     notes["data_differs_from_teacher"] = teacher_fp is not None and teacher_fp != data.fingerprint
-    hashes = list(teacher.manifest_hashes)
-    # the soft targets at T (distill.teachers: "Soft targets at a temperature T"); T enters
-    # the cache key only for teachers whose scores depend on it (arithmetic ensembles)
-    soft_fn = soft_scores_fn(teacher, cfg.temperature)
-    soft_t = float(cfg.temperature) if soft_scores_depend_on_temperature(teacher) else None
-    extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
-    if soft_t is not None:
-        extra["soft_temperature"] = soft_t
-    key = cache_key(hashes, data.fingerprint, str(spec), extra)
-    online = cfg.train.jitter > 0
-    if online:
-        # jittered inputs change every step: a cache of the clean images would be the wrong targets
-        loss_fn = online_loss_fn(loss, soft_fn)
-        cache_info = {"online": True, "reused": False, "build_seconds": 0.0, "key": None,
-                      "soft_temperature": soft_t}
-    else:
-        meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
-                "data_fingerprint": data.fingerprint, "transfer": str(spec), "soft_temperature": soft_t}
-        targets, info = cached_targets(cache_dir, key, x_tr, soft_fn, device, cfg.train.eval_batch_size,
-                                       progress and rank == 0, meta)
-        loss_fn = cached_loss_fn(loss, targets)
-        cache_info = {"online": False, "reused": bool(info["reused"]), "soft_temperature": soft_t,
-                      "build_seconds": round(float(info["build_seconds"]), 3),
-                      "load_seconds": round(float(info["seconds"]), 3), "key": key, "path": info["path"]}
-
+    hashes = list(teacher.manifest_hashes) if teacher is not None else []
     mspec = model_spec(cfg.model, data.num_classes, data.input_shape, cfg.model_args, data.normalization)
     # the device stays out of the key: under DDP on CUDA each rank trains on its own cuda:K
     train_key = {k: v for k, v in cfg.train.to_dict().items() if k != "device"}
-    rkey = run_key("student", mspec, train_key, data.fingerprint, str(spec), cfg.loss,
-                   cfg.temperature, cfg.alpha, hashes, key)
+    rkey_parts = ["student", mspec, train_key, data.fingerprint, str(spec), cfg.method, cfg.method_args,
+                  cfg.hint, hashes]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(student, x_tr, y_tr, data.x_val, data.y_val, cfg.train, loss_fn=loss_fn, ckpt_dir=run_dir,
-                 resume=resume, run_key=rkey, progress=progress, desc="student")
+    phases = None
+    if features is not None:  # feature methods: the teacher runs online on every batch
+        cache_info = {"online": True, "reused": False, "build_seconds": 0.0, "key": None, "soft_temperature": None}
+        result, phases = online.train(method, features, x_tr, y_tr, data.x_val, data.y_val, cfg.train, run_dir,
+                                      resume=resume, run_key=run_key(*rkey_parts), progress=progress)
+        student = features.trainee.student
+    else:
+        loss_fn, cache_info = _logit_loss_fn(method, teacher, cfg, data, spec, x_tr, transfer_info, hashes,
+                                             device, progress and rank == 0)
+        result = fit(student, x_tr, y_tr, data.x_val, data.y_val, cfg.train, loss_fn=loss_fn, ckpt_dir=run_dir,
+                     resume=resume, run_key=run_key(*rkey_parts, cache_info["key"]), progress=progress,
+                     desc="student", on_epoch=lambda e: method.set_epoch(e, cfg.train.epochs))
     if rank != 0:
         return run_dir
 
     metrics = _student_metrics(student, teacher, data, cfg, result, len(x_tr), baseline, cache_info)
-    save_model(run_dir, student, mspec)
+    if phases is not None:  # every phase counts (the hint / FSP stage trains before --epochs)
+        metrics.update(phases=phases, epochs_run=sum(p["epochs_run"] for p in phases),
+                       train_seconds=round(sum(p["seconds"] for p in phases), 3))
+    save_model(run_dir, student, mspec)  # the student alone: adapters are not part of it
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_json(run_dir / "history.json", result.history)
     inputs = {str(p / MANIFEST): sha256_file(p / MANIFEST) for p in teacher_paths}
     if cfg.baseline:
         inputs[str(Path(cfg.baseline) / MANIFEST)] = baseline[1]
+    extra = {"data": data.describe(), "teacher": teacher.describe() if teacher is not None else None,
+             "teacher_manifest_hashes": hashes, "transfer": transfer_info, "soft_targets": cache_info,
+             "world_size": world, "resumed_from_epoch": result.resumed_from_epoch, **notes}
+    if features is not None:
+        extra["features"] = features.describe()
     write_manifest(run_dir, stage="student", config=to_dict(cfg), inputs=inputs,
                    data_fingerprint=data.fingerprint, seed=cfg.train.seed,
-                   wall_seconds=round(time.time() - t0, 3), metrics=metrics,
-                   extra={"data": data.describe(), "teacher": teacher.describe(),
-                          "teacher_manifest_hashes": hashes, "transfer": transfer_info,
-                          "soft_targets": cache_info, "world_size": world,
-                          "resumed_from_epoch": result.resumed_from_epoch, **notes})
+                   wall_seconds=round(time.time() - t0, 3), metrics=metrics, extra=extra)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the manifest and weights supersede it
+    if features is not None:
+        online.finish(run_dir, method, cfg.train.epochs)
     return run_dir
+
+
+def _logit_loss_fn(method, teacher: Teacher | None, cfg: DistillConfig, data: Dataset, spec: TransferSpec,
+                   x_tr: np.ndarray, transfer_info: dict, hashes: list, device, progress: bool):
+    """``fit``'s loss for a logit method: cached teacher scores, online under jitter, or no teacher."""
+    if teacher is None or method.teacher == "none":
+        def free(logits, xb, yb, idx):
+            return method.loss(logits, None, yb)
+
+        return free, {"online": False, "reused": False, "build_seconds": 0.0, "key": None, "teacher": False}
+    # the soft targets at the method's T (distill.teachers: "Soft targets at a temperature T"); T
+    # enters the cache key only for teachers whose scores depend on it (arithmetic ensembles)
+    temperature = method.temperature if method.temperature is not None else 1.0
+    soft_fn = soft_scores_fn(teacher, temperature)
+    soft_t = float(temperature) if soft_scores_depend_on_temperature(teacher) else None
+    extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
+    if soft_t is not None:
+        extra["soft_temperature"] = soft_t
+    key = cache_key(hashes, data.fingerprint, str(spec), extra)
+    if cfg.train.jitter > 0:
+        # jittered inputs change every step: a cache of the clean images would be the wrong targets
+        return online_loss_fn(method.loss, soft_fn), {"online": True, "reused": False, "build_seconds": 0.0,
+                                                      "key": None, "soft_temperature": soft_t}
+    meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
+            "data_fingerprint": data.fingerprint, "transfer": str(spec), "soft_temperature": soft_t}
+    targets, info = cached_targets(Path(cfg.cache_dir), key, x_tr, soft_fn, device, cfg.train.eval_batch_size,
+                                   progress, meta)
+    return cached_loss_fn(method.loss, targets), {
+        "online": False, "reused": bool(info["reused"]), "soft_temperature": soft_t,
+        "build_seconds": round(float(info["build_seconds"]), 3), "load_seconds": round(float(info["seconds"]), 3),
+        "key": key, "path": info["path"]}
 
 
 def _build_student(cfg: DistillConfig, data: Dataset):
@@ -214,9 +252,13 @@ def _build_student(cfg: DistillConfig, data: Dataset):
     return build_for_data(cfg.model, data, cfg.model_args)[0]
 
 
-def _student_metrics(student, teacher: Teacher, data: Dataset, cfg: DistillConfig, result, n_transfer: int,
+def _student_metrics(student, teacher: Teacher | None, data: Dataset, cfg: DistillConfig, result, n_transfer: int,
                      baseline: tuple[int, str] | None, cache_info: dict) -> dict:
-    """The foundation's metrics plus the teacher comparison, bias fix and cache facts."""
+    """The foundation's metrics plus the method, the teacher comparison, bias fix and cache facts.
+
+    ``loss`` repeats ``method`` (the report's distillation table has shown ``loss`` since
+    before there were methods beyond kd / soft / logits).
+    """
     bs = cfg.train.eval_batch_size
     student.to("cpu")
     fix = None
@@ -227,22 +269,25 @@ def _student_metrics(student, teacher: Teacher, data: Dataset, cfg: DistillConfi
         shift_bias(student, classes, shift)
         fix = {"bias_shift": shift, "test_errors_before_bias_fix": errors_before, "bias_fit": info}
     metrics = evaluate_model(student, data, bs)
-    s_test = predict_logits(student, data.x_test, bs).numpy()  # (N, C)
-    t_test = teacher_log_probs(teacher, data.x_test, bs).numpy()  # (N, C)
     metrics.update(params=count_params(student), train_seconds=round(result.seconds, 3),
                    best_epoch=result.best_epoch, epochs_run=len(result.history),
                    stopped_early=result.stopped_early, train_examples=int(n_transfer),
-                   teacher_agreement=M.agreement(s_test, t_test),
-                   teacher_test_accuracy=M.accuracy(t_test, data.y_test),
-                   teacher_test_errors=M.errors(t_test, data.y_test),
-                   temperature=cfg.temperature, alpha=cfg.alpha, loss=cfg.loss, transfer=cfg.transfer)
+                   method=cfg.method, method_args=dict(cfg.method_args), hint=list(cfg.hint),
+                   temperature=cfg.temperature, alpha=cfg.alpha, loss=cfg.method, transfer=cfg.transfer)
+    if teacher is not None:
+        s_test = predict_logits(student, data.x_test, bs).numpy()  # (N, C)
+        t_test = teacher_log_probs(teacher, data.x_test, bs).numpy()  # (N, C)
+        metrics.update(teacher_agreement=M.agreement(s_test, t_test),
+                       teacher_test_accuracy=M.accuracy(t_test, data.y_test),
+                       teacher_test_errors=M.errors(t_test, data.y_test))
     if fix is not None:
         fix["test_errors_after_bias_fix"] = metrics["test_errors"]
         metrics.update(fix)
     if baseline is not None:
-        b, t, s = baseline[0], metrics["teacher_test_errors"], metrics["test_errors"]
+        b, t, s = baseline[0], metrics.get("teacher_test_errors"), metrics["test_errors"]
         metrics["baseline_test_errors"] = b
         # undefined when the teacher is no better than the baseline: nothing to recover
-        metrics["gap_recovered"] = (b - s) / (b - t) if b > t else None
-    metrics["soft_targets"] = {k: cache_info[k] for k in ("online", "reused", "build_seconds")}
+        metrics["gap_recovered"] = (b - s) / (b - t) if t is not None and b > t else None
+    metrics["soft_targets"] = ({k: cache_info[k] for k in ("online", "reused", "build_seconds")}
+                               if cache_info.get("teacher", True) else None)
     return metrics

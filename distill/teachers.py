@@ -9,7 +9,9 @@ under inference mode on its device, plus ``num_classes``, ``input_shape``,
 * an ``ensemble`` run: ``ensembles.teacher.load_teacher``;
 * a ``specialists`` run: ``specialists.teacher.load_teacher``;
 * several run folders, comma-separated: an ad-hoc ensemble whose distribution is the
-  arithmetic mean of the members' probabilities (Hinton et al. 2015, section 3).
+  arithmetic mean of the members' probabilities (Hinton et al. 2015, section 3);
+* a ``generations`` run (``kdens distill --generations N``): the ad-hoc ensemble of its
+  generations' students (one student when N = 1).
 
 Soft targets at a temperature T (the one extension of that interface). The loss
 softens whatever scores it gets as ``softmax(s / T)``. For one model that is right when
@@ -106,6 +108,8 @@ class ModelTeacher:
         self.data_config = data_config(manifest)
         self.data_fingerprint = manifest.get("data_fingerprint")
         self._spec = spec
+        self.spec = spec
+        """model.json: the architecture (name, kwargs), which a student may copy."""
 
     @torch.inference_mode()
     def __call__(self, x: Tensor) -> Tensor:
@@ -176,10 +180,15 @@ class AdhocEnsembleTeacher:
 
 
 def _load_one(run_dir: Path, device: str | torch.device) -> Teacher:
-    manifest = read_manifest(run_dir, ("generalist", "student", "ensemble", "specialists"))
+    manifest = read_manifest(run_dir, ("generalist", "student", "ensemble", "specialists", "generations"))
     stage = manifest["stage"]
     if stage in ("generalist", "student"):
         return ModelTeacher(run_dir, device)
+    if stage == "generations":  # born-again generations: the ensemble of their students
+        names = manifest.get("generations") or []
+        if not names:
+            raise ArtifactError(f"{run_dir}/manifest.json lists no generations; rerun kdens distill --generations")
+        return load_teacher([run_dir / n for n in names], device)
     # later-built teacher kinds live in their own packages; import only when asked for
     try:
         if stage == "ensemble":

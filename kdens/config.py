@@ -39,12 +39,18 @@ def section(doc: dict, names: tuple[str, ...]) -> dict:
     for name in names:
         if isinstance(doc.get(name), dict):
             return dict(doc[name])
-    return {k: v for k, v in doc.items() if not isinstance(v, dict) or k in ("model_args", "model-arg", "model-args")}
+    return {k: v for k, v in doc.items()
+            if not isinstance(v, dict) or k in ("model_args", "model-arg", "model-args", "method_args", "method-args")}
 
 
 def _norm(key: str) -> str:
     key = key.replace("-", "_")
-    return {"model_arg": "model_args"}.get(key, key)
+    return {"model_arg": "model_args", "method_arg": "method_args"}.get(key, key)
+
+
+# dict-valued keys given as repeated KEY=VALUE flags or a TOML table; layers merge key by key
+_KEY_VALUE_KEYS = {"model_args": ("--model-arg", "hidden=800,800"),
+                   "method_args": ("--method-arg", "beta=8")}
 
 
 def _coerce(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
@@ -81,8 +87,8 @@ def build(cls, *layers: dict) -> Any:
         for raw_key, value in (layer or {}).items():
             key = _norm(raw_key)
             if key in own and key != "train":
-                if key == "model_args":
-                    value = parse_model_args(value)
+                if key in _KEY_VALUE_KEYS:
+                    value = parse_model_args(value, *_KEY_VALUE_KEYS[key])
                     kw[key] = {**kw.get(key, {}), **value}
                 else:
                     kw[key] = _coerce(cls.__name__, own[key], value)

@@ -149,16 +149,22 @@ def parse_model_arg_value(text: str) -> Any:
     return text
 
 
-def parse_model_args(items: list[str] | tuple[str, ...] | dict | None) -> dict[str, Any]:
-    """Repeated ``key=value`` strings (or a dict from a config file) → kwargs."""
+def parse_model_args(items: list[str] | tuple[str, ...] | dict | None, flag: str = "--model-arg",
+                     example: str = "hidden=800,800") -> dict[str, Any]:
+    """Repeated ``key=value`` strings (or a dict from a config file) → kwargs.
+
+    ``flag`` and ``example`` name the option in the error (``--method-arg`` uses this parser too).
+    """
     if not items:
         return {}
     if isinstance(items, dict):
         return {k.replace("-", "_"): v for k, v in items.items()}
+    if isinstance(items, str):
+        items = [items]
     out = {}
     for item in items:
-        if "=" not in item:
-            raise ModelError(f"--model-arg {item!r} must look like key=value, e.g. hidden=800,800")
+        if not isinstance(item, str) or "=" not in item:
+            raise ModelError(f"{flag} {item!r} must look like key=value, e.g. {example}")
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = parse_model_arg_value(v)
     return out

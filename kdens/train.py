@@ -239,7 +239,8 @@ def _state_copy(model: nn.Module) -> dict:
 
 def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainConfig | None = None, *,
         loss_fn: LossFn | None = None, sampler: Sampler | None = None, ckpt_dir: Path | None = None,
-        resume: bool = False, run_key: str = "", progress: bool = True, desc: str = "train") -> TrainResult:
+        resume: bool = False, run_key: str = "", progress: bool = True, desc: str = "train",
+        on_epoch: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     Args:
@@ -259,6 +260,8 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
             under another key is refused rather than silently continued.
         progress: show a progress bar (rank 0 only).
         desc: label of the progress bar.
+        on_epoch: called with the 0-based epoch before each epoch's first step (also after a
+            resume), for losses whose weights follow a schedule (a warmup, an annealed weight).
     """
     cfg = cfg or TrainConfig()
     device = resolve_device(cfg.device)
@@ -324,6 +327,8 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
+            if on_epoch is not None:
+                on_epoch(epoch)
             net.train()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)

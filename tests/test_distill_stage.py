@@ -133,25 +133,27 @@ def test_resume_after_interruption_equals_uninterrupted(runs, tmp_path, monkeypa
 
     import distill.stage as stage
 
-    real = stage.make_loss
+    real = stage.make_method
     calls = {"n": 0}
     steps = -(-_json(ref / "metrics.json")["train_examples"] // 64)
 
     def crashing(*a, **k):
-        loss = real(*a, **k)
+        method = real(*a, **k)
+        loss = method.loss
 
         def wrapped(*b):
             calls["n"] += 1
             if calls["n"] == 2 * steps + 3:  # inside the third epoch
                 raise _Interrupt
             return loss(*b)
-        return wrapped
+        method.loss = wrapped
+        return method
 
     out = tmp_path / "run"
-    monkeypatch.setattr(stage, "make_loss", crashing)
+    monkeypatch.setattr(stage, "make_method", crashing)
     with pytest.raises(_Interrupt):
         _distill(*args, "--out", out)
-    monkeypatch.setattr(stage, "make_loss", real)
+    monkeypatch.setattr(stage, "make_method", real)
     assert (out / CHECKPOINT).exists() and not (out / "manifest.json").exists()
 
     r = _distill(*args, "--out", out)

@@ -39,7 +39,7 @@ def test_unknown_model_lists_valid():
         build_model("mlp", 10, (1, 8, 8), dropout=1.5)
     with pytest.raises(ModelError, match="size"):
         build_model("cnn", 10, (1, 8, 8), size="huge")
-    assert set(MODELS) == {"mlp", "cnn", "lenet5"}
+    assert set(MODELS) == {"mlp", "cnn", "lenet5", "mobilenet"}
 
 
 def test_user_factory():

@@ -121,3 +121,37 @@ def test_a_fraction_student_gets_a_twin_on_the_same_fraction(tmp_path):
     assert plan.stage("baseline:all").config.train_fraction == 1.0
     assert plan.stage("baseline:few").config.train_fraction == 0.1  # same examples, hard labels
     assert plan.stage("few").config.transfer == "fraction=0.1" and plan.stage("few").needs[-1] == "baseline:few"
+
+
+def test_distill_tables_take_methods_hints_and_generations(tmp_path):
+    doc = _doc(deploy={"targets": ["onnx"], "student": "ban"})
+    doc["distill"] = [
+        {"name": "dkd", "model": "mlp", "method": "dkd", "method_args": {"beta": 2}, "epochs": 2},
+        {"name": "fit", "model": "mlp", "method": "fitnets", "hint": ["body.1:body.1"], "epochs": 2},
+        {"name": "ban", "teacher": "generalist", "generations": 3, "epochs": 2},
+    ]
+    plan = build_plan(doc, out=tmp_path)
+    dkd, fit, ban = (plan.stage(n).config for n in ("dkd", "fit", "ban"))
+    assert (dkd.method, dkd.method_args["beta"], dkd.method_args["warmup"], dkd.temperature) == ("dkd", 2, 20, 4.0)
+    assert (fit.method, fit.hint, fit.temperature) == ("fitnets", ["body.1:body.1"], 3.0)  # the method's own T
+    # born-again students of [generalist] copy its architecture; so does their hard-label baseline
+    assert (ban.generations, ban.model, ban.model_args) == (3, "mlp", {"hidden": [16]})
+    assert plan.stage("baseline:ban").config.model_args == {"hidden": [16]}
+    # method keys stay out of the baseline: dkd and fit (same recipe) share one hard-label run
+    assert plan.stage("dkd").config.baseline == plan.stage("fit").config.baseline
+    # the deployed student of a generations run is its last generation
+    assert plan.stage("deploy:onnx-float").config.model == str(tmp_path / "students" / "ban" / "gen-03")
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"model": "mlp", "method": "crd"}, "[distill student] unknown --method 'crd'; valid methods: kd"),
+    ({"model": "mlp", "method": "dkd", "method_args": {"betta": 1}}, "unknown --method-arg betta"),
+    ({"model": "mlp", "method": "kd", "hint": "body:body"}, "--hint names hidden layers"),
+    ({"model": "mlp", "method": "rkd", "temperature": [2, 4]}, "--temperature does not apply to --method rkd"),
+])
+def test_bad_method_tables_name_the_key(table, message, tmp_path):
+    doc = _doc()
+    doc["distill"] = [{"name": "student", **table}]
+    with pytest.raises(ConfigError) as e:
+        build_plan(doc, out=tmp_path)
+    assert message in str(e.value)

@@ -7,20 +7,32 @@ from pathlib import Path
 
 import click
 
+from distill.methods import METHODS
 from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model_options, print_metrics,
                                   run_options, train_options)
 
 
+
 @click.command("distill", context_settings=CONTEXT)
 @click.option("--teacher", type=str,
-              help="Teacher run folder (generalist, ensemble, specialists), or several joined by commas.")
+              help="Teacher run folder (generalist, student, ensemble, specialists, generations), or several "
+                   "joined by commas; tfkd-virtual needs none.")
 @data_options
 @model_options
+@click.option("--method", type=str, metavar="NAME",
+              help=f"Distillation method: {', '.join(METHODS)} [kd]; see docs/methods.md.")
+@click.option("--method-arg", "method_args", multiple=True, metavar="KEY=VALUE",
+              help="Setting of the method, repeatable (defaults from its paper): beta=8 warmup=20.")
+@click.option("--hint", multiple=True, metavar="T_MODULE:S_MODULE",
+              help="Feature methods: teacher and student modules to match, repeatable; NAME/in is a module's "
+                   "input [head/in:head/in, the last hidden layers].")
+@click.option("--generations", type=click.IntRange(min=1), metavar="N",
+              help="Born-again generations: gen-01..gen-N under --out, each taught by the one before.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
-              help="Softening temperature T of the soft term [4].")
-@click.option("--alpha", type=click.FloatRange(0, 1), help="Weight of the hard-label loss [0.1].")
+              help="Softening temperature T of the method [its paper's; 4 for kd].")
+@click.option("--alpha", type=click.FloatRange(0, 1), help="Weight of the hard-label loss of kd/logits [0.1].")
 @click.option("--loss", type=click.Choice(["kd", "soft", "logits"]),
-              help="kd: alpha*CE + (1-alpha)*T^2*KL; soft: T^2*KL; logits: L2 of logits [kd].")
+              help="Alias of --method for kd: alpha*CE + (1-alpha)*T^2*KL; soft: T^2*KL; logits: L2 of logits.")
 @click.option("--transfer", type=str, metavar="SET",
               help="train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] (MUNGE pseudo-data) [train].")
 @click.option("--fix-bias/--no-fix-bias", default=None,
@@ -32,17 +44,24 @@ from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model
 @train_options
 @run_options
 def distill_cmd(**flags):
-    """Distill a teacher into a small student on its soft targets (Hinton et al. 2015).
+    """Distill a teacher into a small student (Hinton et al. 2015, or another --method).
 
-    Teacher scores over the transfer set are computed once and cached; a second student
-    with another T, alpha or architecture reuses them. With --jitter the teacher runs
-    online on the augmented batches instead. --data, --val-fraction and --split-seed
-    default to the teacher's own (from its manifest), not to digits.
+    Logit methods (kd, soft, logits, dkd, dist, lskd, tfkd-self) read the teacher's scores over
+    the transfer set, computed once and cached: a second student with another T, method or
+    architecture reuses them (with --jitter the teacher runs online instead). Feature methods
+    (fitnets, fsp, rkd) run the teacher online and match hidden layers (--hint). tfkd-virtual
+    needs no teacher. --data, --val-fraction and --split-seed default to the teacher's own
+    (from its manifest), not to digits; --model defaults to a single-model teacher's architecture.
 
     \b
     Example:
       kdens distill --teacher runs/fm/generalist --model mlp --model-arg hidden=800,800 \\
           --temperature 4 --alpha 0.1 --epochs 30 --out runs/fm/student
+      kdens distill --teacher runs/fm/generalist --model mlp --method dkd --method-arg beta=2 \\
+          --out runs/fm/student-dkd
+      kdens distill --teacher runs/fm/generalist --model mlp --method fitnets --hint body.1:body.1 \\
+          --out runs/fm/student-fitnets
+      kdens distill --teacher runs/fm/generalist --generations 3 --out runs/fm/born-again
       kdens distill --teacher runs/fm/generalist --model mlp --transfer omit=3 --fix-bias \\
           --out runs/fm/student-no3
     """
@@ -57,9 +76,18 @@ def distill_cmd(**flags):
     run_dir = run(cfg, out, resume=opts["resume"], force=opts["force"], progress=not opts["quiet"])
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 writes and reports
         return
+    if cfg.generations is not None:
+        m = read_json(run_dir / "metrics.json")
+        for g in m["generations"]:
+            click.echo(f"{run_dir / g['run']}: test_errors={g['test_errors']}  teacher_test_errors="
+                       f"{g['teacher_test_errors']}  gap_recovered={g['gap_recovered']}")
+        if "ensemble" in m:
+            click.echo(f"ensemble of {len(m['generations'])} generations: test_errors={m['ensemble']['test_errors']} "
+                       f"(usable as --teacher {run_dir})")
+        return
     print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
                              "gap_recovered", "train_seconds"))
-    soft = read_json(run_dir / "metrics.json").get("soft_targets", {})
-    if not soft.get("online"):
+    soft = read_json(run_dir / "metrics.json").get("soft_targets") or {}
+    if soft and not soft.get("online"):
         click.echo(f"soft targets: {'reused' if soft.get('reused') else 'built'} "
                    f"(build {soft.get('build_seconds', 0):.2f}s)")

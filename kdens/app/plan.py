@@ -11,9 +11,11 @@ File shape (every table but ``[data]`` and one teacher is optional)::
     [generalist]  the keys of `kdens train-generalist`    (model, model_args, epochs, ...)
     [ensemble]    the keys of `kdens train-ensemble`      (members, model, ...)
     [specialists] the keys of `kdens train-specialists`   (clusters, ...; uses [generalist])
-    [[distill]]   the keys of `kdens distill`, plus name, baseline = true|false, and
+    [[distill]]   the keys of `kdens distill` (method, method_args, hint, generations, ...),
+                  plus name, baseline = true|false, and
                   teacher = "generalist" | "ensemble" | "specialists" | a run folder
-                  (several joined by commas); temperature may be a list: one student each.
+                  (several joined by commas); temperature may be a list: one student each;
+                  without model, a student taught by [generalist] copies its architecture.
                   The baseline is the same student and recipe on hard labels; with
                   transfer = "fraction=F" it trains on the same fraction (train_fraction = F)
     [deploy]      student, targets = ["onnx:int8", "tflite:int8", "fpga:ap_fixed<16,6>"],
@@ -38,8 +40,8 @@ TOP_KEYS = ("name", "out", "pythonpath", "data", "generalist", "ensemble", "spec
             "deploy", "bench", "report")
 TEACHER_STAGES = ("generalist", "ensemble", "specialists")
 _DATA_KEYS = ("data", "val_fraction", "split_seed")
-_STUDENT_ONLY = ("teacher", "temperature", "alpha", "loss", "transfer", "fix_bias", "baseline", "cache_dir",
-                 "data", "val_fraction", "split_seed")
+_STUDENT_ONLY = ("teacher", "temperature", "alpha", "loss", "method", "method_args", "hint", "generations",
+                 "transfer", "fix_bias", "baseline", "cache_dir", "data", "val_fraction", "split_seed")
 _DEPLOY_KEYS = ("quantize", "batch_sizes", "threads", "calib_size", "io", "max_latency_ms", "max_accuracy_drop",
                 "seed", "tflite_runtime_venv", "min_agreement", "sweep")
 
@@ -197,17 +199,20 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
         want_baseline = table.pop("baseline", True)
         if not isinstance(want_baseline, bool):
             raise ConfigError(f"[distill] {base}: baseline = {want_baseline!r} must be true or false")
-        temps = table.pop("temperature", 4.0)
+        temps = table.pop("temperature", None)  # None: the method's own default
         multi = isinstance(temps, list)
         temps = temps if multi else [temps]
         if not temps:
             raise ConfigError(f"[distill] {base}: temperature = [] names no temperature")
         needs, teacher_path = _teacher(teacher, teachers, where, base)
+        if "model" not in table and teacher == "generalist" and "generalist" in teachers:
+            # born-again students and tfkd-self copy the teacher's architecture (and so does their baseline)
+            gen = next(s for s in stages if s.name == "generalist").config
+            table["model"], table["model_args"] = gen.model, {**gen.model_args, **table.get("model_args", {})}
         baseline_name = baseline_dir = None
         if want_baseline:
             hard = {k: v for k, v in table.items() if k not in _STUDENT_ONLY}
-            probe = _build(STAGES["student"].config, f"distill {base}", {},
-                           {**data, **table, "teacher": teacher_path, "temperature": temps[0]})
+            probe = _build(STAGES["student"].config, f"distill {base}", {}, {**data, **table, "teacher": teacher_path})
             if probe.transfer_spec.kind == "fraction":  # the twin sees the same examples, with hard labels
                 hard["train_fraction"] = probe.transfer_spec.fraction
             cfg = _build(STAGES["baseline"].config, f"distill {base} (baseline)", data, hard)
@@ -221,8 +226,9 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
         for t in temps:
             name = f"{base}-T{t:g}" if multi else base
             _unique(name, stages)
-            layer = {**data, **table, "teacher": teacher_path, "temperature": t,
-                     "cache_dir": where("soft_targets")}
+            layer = {**data, **table, "teacher": teacher_path, "cache_dir": where("soft_targets")}
+            if t is not None:
+                layer["temperature"] = t
             if baseline_dir:
                 layer["baseline"] = where(baseline_dir)
             cfg = _build(STAGES["student"].config, f"distill {name}", {}, layer)
@@ -270,6 +276,10 @@ def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
     student = str(table.pop("student", students[0]))
     if student not in students:
         raise ConfigError(f"[deploy] student = {student!r} is not a student here; valid: {', '.join(students)}")
+    model_dir = f"students/{student}"
+    n_gen = getattr(next(s for s in stages if s.name == student).config, "generations", None)
+    if n_gen:  # born-again generations: the last generation is the student that ships
+        model_dir += f"/gen-{int(n_gen):02d}"
     targets = table.pop("targets", ["onnx:int8"])
     if isinstance(targets, str):
         targets = [targets]
@@ -294,7 +304,7 @@ def _deploy(doc: dict, stages: list[Stage], students: list[str], where) -> None:
                 quantize, opts["io"] = "int8", "int8"
             opts["quantize"] = quantize
         try:
-            cfg = STAGES["deploy"].config(model=where(f"students/{student}"), target=target,
+            cfg = STAGES["deploy"].config(model=where(model_dir), target=target,
                                           precision=fpga_precision, opts=opts,
                                           **(fpga_only if target == "fpga" else {}))
         except (ConfigError, TypeError, ValueError) as e:

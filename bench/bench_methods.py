@@ -1,0 +1,149 @@
+"""Every distillation method on digits, same teacher, same student, same epochs, 3 seeds.
+
+Trains (or reuses) one teacher and, per seed, a hard-label baseline of the student's
+architecture; then distills the student with every ``--method`` at its paper defaults,
+plus born-again generations and DKD with a 1-epoch warmup (its paper warmup of 20 epochs
+spans the whole of a 20-epoch run). Each job is a ``kdens`` process run one at a time,
+single-threaded. Reports test errors (mean and sd over seeds), the share of the
+teacher-baseline gap recovered, and the wall time per training epoch relative to ``kd``
+(``train_seconds / epochs_run`` from each run's metrics: the training loop with its
+validation pass, the online teacher of feature methods included, kd's one-off soft-target
+cache build excluded). The tfkd-self teacher is the seed's own hard-label baseline (the
+pretrained student). Early stopping is off (--patience 1000): every run trains all epochs.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_methods.py --runs runs/digits-methods \\
+        --seeds 0,1,2 --epochs 20 --out bench/results/methods-digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KDENS = [sys.executable, "-m", "kdens"]
+METHODS = ["kd", "soft", "logits", "fitnets", "fsp", "rkd", "dkd", "dist", "lskd", "tfkd-self", "tfkd-virtual"]
+VARIANTS = {"dkd (warmup=1)": ["--method", "dkd", "--method-arg", "warmup=1"],
+            "born-again kd, 2 generations": ["--method", "kd", "--generations", "2"]}
+
+
+def sh(args: list[str], log: Path) -> str:
+    """Run one kdens command unless its folder is finished; 'ok', 'reused' or the error's last line."""
+    out = Path(args[args.index("--out") + 1])
+    if (out / "manifest.json").exists():
+        return "reused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    r = subprocess.run(KDENS + args, capture_output=True, text=True, env=env)
+    with open(log, "a") as f:
+        f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
+    if r.returncode != 0:
+        return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+    return "ok"
+
+
+def _m(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text()) if (run / "manifest.json").exists() else {}
+
+
+def _stats(xs: list) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, default=Path("runs/digits-methods"))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--teacher-model", default="cnn", help="teacher architecture (built-in small cnn)")
+    ap.add_argument("--student", default="hidden=64", help="student mlp --model-arg")
+    ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.runs.mkdir(parents=True, exist_ok=True)
+    log = args.runs / "bench.log"
+    t0 = time.time()
+    common = ["--epochs", str(args.epochs), "--patience", "1000", "--quiet"]
+    student = ["--model", "mlp", "--model-arg", args.student]
+    teacher = args.runs / "teacher"
+    status = {"teacher": sh(["train-generalist", "--data", "digits", "--model", args.teacher_model, *common,
+                             "--seed", "0", "--out", str(teacher)], log)}
+    rows: dict[str, list[dict]] = {}
+    for seed in seeds:
+        base = args.runs / f"baseline-s{seed}"
+        status[base.name] = sh(["train-generalist", "--data", "digits", *student, *common, "--seed", str(seed),
+                                "--out", str(base)], log)
+        jobs = [(m, ["--method", m]) for m in METHODS] + list(VARIANTS.items())
+        for name, flags in jobs:
+            out = args.runs / f"{name.split()[0]}{'-w1' if 'warmup' in name else ''}-s{seed}"
+            t = str(base) if name == "tfkd-self" else str(teacher)
+            model = [] if name == "tfkd-self" else student  # self-training copies the pretrained student
+            status[out.name] = sh(["distill", "--teacher", t, *model, *flags, *common, "--seed", str(seed),
+                                   "--baseline", str(base), "--out", str(out)], log)
+            m = _m(out)
+            row = {"seed": seed, "status": status[out.name], "test_errors": m.get("test_errors"),
+                   "baseline_test_errors": _m(base).get("test_errors"), "gap_recovered": m.get("gap_recovered"),
+                   "epochs_run": m.get("epochs_run"), "train_seconds": m.get("train_seconds")}
+            gens = m.get("generations")
+            if gens:  # born-again: every generation's epochs
+                row["epochs_run"] = sum(g["epochs_run"] for g in gens)
+            if row["epochs_run"] and row["train_seconds"]:
+                row["epoch_seconds"] = row["train_seconds"] / row["epochs_run"]
+            if "ensemble" in m:
+                row["ensemble_test_errors"] = m["ensemble"]["test_errors"]
+            rows.setdefault(name, []).append(row)
+    tm = _m(teacher)
+    kd_epoch = statistics.median(r["epoch_seconds"] for r in rows["kd"] if r.get("epoch_seconds"))
+    table = []
+    for name, rs in rows.items():
+        e_mean, e_sd = _stats([r["test_errors"] for r in rs])
+        g_mean, g_sd = _stats([r["gap_recovered"] for r in rs])
+        secs = [r["epoch_seconds"] for r in rs if r.get("epoch_seconds")]
+        table.append({"method": name, "test_errors": [r["test_errors"] for r in rs], "errors_mean": e_mean,
+                      "errors_sd": e_sd, "gap_mean": g_mean, "gap_sd": g_sd,
+                      "epoch_seconds_median": statistics.median(secs) if secs else None,
+                      "epoch_time_vs_kd": statistics.median(secs) / kd_epoch if secs else None,
+                      "epochs_run": rs[0].get("epochs_run"),
+                      "ensemble_test_errors": [r.get("ensemble_test_errors") for r in rs if "ensemble_test_errors" in r],
+                      "status": sorted({r["status"] for r in rs})})
+    b_mean, b_sd = _stats([_m(args.runs / f"baseline-s{s}").get("test_errors") for s in seeds])
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_end": list(os.getloadavg()),
+           "wall_seconds": round(time.time() - t0, 1), "seeds": seeds, "epochs": args.epochs,
+           "teacher": f"{args.teacher_model} (seed 0)", "student": f"mlp {args.student}",
+           "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_methods.py --runs " + str(args.runs)
+                      + f" --seeds {args.seeds} --epochs {args.epochs} --out {args.out}"}
+    doc = {"env": env, "teacher_test_errors": tm.get("test_errors"), "baseline_errors_mean": b_mean,
+           "baseline_errors_sd": b_sd, "table": table, "runs": rows, "status": status}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
+    lines = [f"# Distillation methods on digits ({len(seeds)} seeds, {args.epochs} epochs)", "",
+             f"Command: `{env['command']}`", "",
+             f"Teacher {env['teacher']}: {tm.get('test_errors')} test errors of 359. Student mlp {args.student}; "
+             f"hard-label baseline {fmt(b_mean)} +- {fmt(b_sd)} errors. Wall {env['wall_seconds']:.0f} s on "
+             f"{env['cpus']} CPUs shared with other work, one thread per job.", "",
+             "| method | test errors (per seed) | mean +- sd | gap recovered (mean +- sd) | epochs run | "
+             "s/epoch | per epoch vs kd |", "|---|---|---|---|---|---|---|"]
+    for r in table:
+        ens = f"; ensemble of generations {r['ensemble_test_errors']}" if r["ensemble_test_errors"] else ""
+        bad = "" if set(r["status"]) <= {"ok", "reused"} else f" ({'; '.join(r['status'])})"
+        lines.append(f"| {r['method']} | {r['test_errors']}{ens}{bad} | {fmt(r['errors_mean'])} +- "
+                     f"{fmt(r['errors_sd'])} | {fmt(r['gap_mean'], '.2f')} +- {fmt(r['gap_sd'], '.2f')} | "
+                     f"{r['epochs_run']} | {fmt(r['epoch_seconds_median'], '.3f')} | "
+                     f"{fmt(r['epoch_time_vs_kd'], '.2f')}x |")
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
