@@ -57,9 +57,10 @@ def distill_cmd(**flags):
     run_dir = run(cfg, out, resume=opts["resume"], force=opts["force"], progress=not opts["quiet"])
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 writes and reports
         return
-    print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
-                             "gap_recovered", "train_seconds"))
+    # how the soft targets were had comes first (it happened first): the result line ends the output
     soft = read_json(run_dir / "metrics.json").get("soft_targets", {})
     if not soft.get("online"):
         click.echo(f"soft targets: {'reused' if soft.get('reused') else 'built'} "
                    f"(build {soft.get('build_seconds', 0):.2f}s)")
+    print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
+                             "gap_recovered", "train_seconds"))
