@@ -16,11 +16,16 @@ The rule after training, on the validation split, with the weights the run keeps
 
 Checks during training: the loss must stay finite, and the output must keep depending on
 the input (every validation example getting identical logits means the units died).
+
+Under the smoke-test cap (``KDENS_EPOCHS_CAP``, when it cut the run short) the after-training
+rule is still computed and recorded, but a miss is a warning on stderr, not a failure: a run
+cut to a few epochs is not expected to learn. The checks during training still fail it.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -129,6 +134,13 @@ def check_learned(logits: torch.Tensor, y_val, history: list[dict], cfg, desc: s
     if no_better:
         what.append(f"the validation loss {val_loss:.3f} never got below {prior_loss:.3f}, the loss of always "
                     "guessing the class frequencies")
+    cap = getattr(cfg, "epochs_cap", None)
+    if cap is not None and cap < cfg.epochs:
+        # a smoke test (KDENS_EPOCHS_CAP) checks that commands run, and a run cut short is not
+        # expected to learn: say so, record it, and let the run finish
+        print(f"warning: {desc}: {' and '.join(what)}; not failed: KDENS_EPOCHS_CAP={cap} cut it to {cap} of "
+              f"its {cfg.epochs} epochs (a smoke-test setting)", file=sys.stderr, flush=True)
+        return {**record, "passed": False, "waived": f"KDENS_EPOCHS_CAP={cap}"}
     changes, why, alternatives = _advice(history, cfg, chance)
     raise TrainingFailed(desc, " and ".join(what), _fresh(changes, cfg), why, alternatives)
 
@@ -138,10 +150,6 @@ NORMALIZE = "a model with normalization (e.g. BatchNorm after each convolution)"
 
 def _advice(history: list[dict], cfg, chance: float) -> tuple[list[tuple[str, object]], list[str], list[str]]:
     """(settings, diagnosis, other advice) that fit how the run went (its per-epoch history)."""
-    cap = getattr(cfg, "epochs_cap", None)
-    if cap is not None and cap < cfg.epochs:
-        return [], [f"KDENS_EPOCHS_CAP={cap} cut it to {cap} of its {cfg.epochs} epochs (a smoke-test setting)"], \
-            ["unsetting KDENS_EPOCHS_CAP for a real run"]
     losses = [h["train_loss"] for h in history if h.get("train_loss") is not None and math.isfinite(h["train_loss"])]
     train_acc = history[-1].get("train_accuracy") if history else None
     if train_acc is not None and train_acc >= chance + 0.5 * (1.0 - chance):
