@@ -50,7 +50,7 @@ def report_cmd(exp_dir, html):
 
     \b
     Example:
-      kdens report runs/fm
+      kdens report runs/digits
     """
     from kdens.app.report import write_report
 
