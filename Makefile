@@ -2,6 +2,7 @@
 #   make demo   set up, then run the main job on the embedded digits data
 #   make test   set up, then run the test suite (what .ci/run calls)
 #   make bench  set up, then reproduce BENCHMARKS.md (long; needs dataset-fashion-mnist)
+#   make test-docs  run every command the docs show (tests/test_docs_run.py, slow tier included)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -11,7 +12,7 @@ TORCH   = torch==2.13.0
 # venv). kdens looks for it here by default and never installs it while a command runs.
 TFLITE_RT_VENV ?= $(HOME)/.cache/kdens/venv-tflite-runtime
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all test-docs bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +30,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded digits data: every stage from examples/digits.toml, then the report.
+# One torch thread unless told otherwise: these models are tiny, and on a shared 2-core machine two
+# threads were pathological (BENCHMARKS.md); README's demo time is measured this way.
 demo: setup
-	$(VENV)/bin/kdens run examples/digits.toml --quiet
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/kdens run examples/digits.toml --quiet
 	@echo "open runs/digits/report.html (or runs/digits/report.md)"
 
 test: setup
@@ -38,6 +41,10 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Every command README.md, docs/ and examples/ show, run as written (KDENS_EPOCHS_CAP=1; before a release).
+test-docs: setup
+	$(PY) -m pytest -q -m "slow or not slow" tests/test_docs_run.py
 
 bench: setup
 	$(PY) bench/place_mnist.py

@@ -62,6 +62,8 @@ STEPS: dict[str, list] = {
     "deploy": [[PY, "bench/bench_deploy.py", "--reuse"],
                [PY, "bench/bench_ort_formats.py", "--deploy", "runs/fm/deploy-cnn", "--rounds", "80",
                 "--out", "bench/results/ort_formats_cnn_80rounds.json"]],
+    # issue #18: every example pipeline as shipped, 5 seeds (fashion-mnist.toml left out: hours per seed)
+    "examples": [[PY, "bench/bench_examples.py"]],
     # torchdistill needs torchvision, which does not import beside the CPU torch 2.13.0 wheel:
     # it runs from its own venv (install commands in bench/bench_torchdistill.py's docstring)
     "torchdistill": [[".venv-bench/bin/python", "bench/bench_torchdistill.py", "--teacher", "runs/fm/cnn",

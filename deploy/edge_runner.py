@@ -18,10 +18,12 @@ scale/zero point, so logits are always compared in float.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +79,37 @@ def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
     return ((y.astype(np.float32) - zp) * scale).astype(np.float32)
 
 
+@contextlib.contextmanager
+def without_runtime_info():
+    """Drop the runtime's C++ INFO lines from stderr (file descriptor 2) while the block runs.
+
+    TFLite's native logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    straight to fd 2 when the first signature runs, past Python's sys.stderr and past
+    TF_CPP_MIN_LOG_LEVEL, which only the TensorFlow converter reads. The fd is pointed at a
+    temporary file meanwhile; every other line is written back to stderr afterwards.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 to redirect (an embedded interpreter): leave it be
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not ln.startswith("INFO: ")]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 class TFLiteModel:
     """A multi-signature ``.tflite`` file in tflite_runtime or ai_edge_litert."""
 
@@ -86,16 +119,18 @@ class TFLiteModel:
         else:
             from ai_edge_litert.interpreter import Interpreter
         self.runtime = runtime
-        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
         self._runners: dict[int, tuple] = {}
         self.signatures: dict[int, str] = {}
-        for name in self.interpreter.get_signature_list():
-            runner = self.interpreter.get_signature_runner(name)
-            (in_name, in_d), = runner.get_input_details().items()
-            (out_name, out_d), = runner.get_output_details().items()
-            bs = int(in_d["shape"][0])
-            self.signatures[bs] = name
-            self._runners[bs] = (runner, in_name, in_d, out_name, out_d)
+        with without_runtime_info():  # the delegate is made (and announced) on the first run: warm up here
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            for name in self.interpreter.get_signature_list():
+                runner = self.interpreter.get_signature_runner(name)
+                (in_name, in_d), = runner.get_input_details().items()
+                (out_name, out_d), = runner.get_output_details().items()
+                bs = int(in_d["shape"][0])
+                self.signatures[bs] = name
+                self._runners[bs] = (runner, in_name, in_d, out_name, out_d)
+                runner(**{in_name: np.zeros(in_d["shape"], dtype=in_d["dtype"])})
         if not self.signatures:
             raise RuntimeError(f"{path} has no signatures; kdens writes one per batch size")
         self.input_dtype = np.dtype(next(iter(self._runners.values()))[2]["dtype"]).name

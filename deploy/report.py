@@ -91,6 +91,31 @@ def _fmt(v, spec: str = ".4g") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def bound_line(report: dict) -> str | None:
+    """The weight-streaming bound, said so that it never sits unexplained above latencies that beat it.
+
+    Reading every weight once from DRAM bounds a batch-1 call only when the weights do not
+    stay in the last-level cache between calls. When they fit, warm calls read them from
+    cache and can beat the DRAM number: the line says so. When they do not fit and a
+    measured batch-1 p50 still beats it, the bandwidth measured here (one thread copying)
+    understates what the runtime gets: no line, rather than a "bound" the table contradicts.
+    """
+    bound = report.get("latency_bound_ms")
+    if bound is None:
+        return None
+    b1 = [v["p50"] for k, v in (report.get("latency_ms") or {}).items() if k.startswith("b1_") and v]
+    beaten = bool(b1) and min(b1) < bound
+    size = f"{report.get('weight_bytes')} B of weights at {_fmt(report.get('bandwidth_gbps'), '.1f')} GB/s"
+    if report.get("weights_fit_in_cache"):
+        cache = report.get("cache_bytes")
+        where = f"the {cache / 2**20:.0f} MiB last-level cache" if cache else "the last-level cache"
+        return (f"Weight-streaming time from DRAM: {bound:.4f} ms ({size}). Not a bound here: the weights fit in "
+                f"{where}, so warm calls read them from cache" + (" and beat it." if beaten else "."))
+    if beaten:
+        return None
+    return f"Weight-streaming bound: {bound:.4f} ms ({size}): no batch-1 call reads its weights from DRAM faster."
+
+
 def render_markdown(report: dict) -> str:
     """A short human-readable summary of one deploy report."""
     name = f"{report.get('target')}-{report.get('precision')}"
@@ -106,9 +131,9 @@ def render_markdown(report: dict) -> str:
     if lat:
         lines += ["| latency (ms) | p50 | p90 | p99 | runs |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {v['p50']:.4f} | {v['p90']:.4f} | {v['p99']:.4f} | {v['runs']} |" for k, v in lat.items()]
-        if report.get("latency_bound_ms") is not None:
-            lines.append(f"\nWeight-streaming bound: {report['latency_bound_ms']:.4f} ms "
-                         f"({report.get('weight_bytes')} B at {_fmt(report.get('bandwidth_gbps'), '.1f')} GB/s).")
+        bound = bound_line(report)
+        if bound:
+            lines.append(f"\n{bound}")
         lines.append("")
     gates = report.get("gates") or {}
     if gates:

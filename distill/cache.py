@@ -234,11 +234,14 @@ def _compute(
     """Fill ``path`` with teacher scores (N, C) float32; return (sha256 of data, C)."""
     from tqdm.auto import tqdm
 
+    from kdens.progress import on_terminal
+
     n = len(x)
     h = hashlib.sha256()
     out: np.memmap | None = None
     c = -1
-    bar = tqdm(total=n, disable=not progress, desc="soft targets", unit="ex")
+    # a bar only on a terminal: in a log its carriage-return updates are noise (kdens.progress)
+    bar = tqdm(total=n, disable=not (progress and on_terminal()), desc="soft targets", unit="ex")
     with torch.inference_mode(), bar:
         for i in range(0, n, batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))

@@ -57,7 +57,7 @@ def sensors(path: Path, n: int, rng: np.random.Generator) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path, help="folder to write into")
+    p.add_argument("out", type=Path, nargs="?", default=Path("own-data"), help="folder to write into [own-data]")
     p.add_argument("--per-class", type=int, default=120)
     p.add_argument("--rows", type=int, default=1500)
     a = p.parse_args()

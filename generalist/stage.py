@@ -32,8 +32,11 @@ def run(cfg: GeneralistConfig, run_dir: Path, *, resume: bool = False, force: bo
     if cfg.train_fraction < 1.0:
         keep = stratified_subset(y, cfg.train_fraction, cfg.split_seed)
         x, y = x[keep], y[keep]
+    # a student's hard-label baseline is a generalist run in kdens run's baselines/<student>/:
+    # label its progress with its stage name there, not as a second "generalist"
+    desc = f"baseline:{run_dir.name}" if run_dir.parent.name == "baselines" else "generalist"
     _, _, metrics = train_model(run_dir, data, cfg.model, cfg.model_args, cfg.train, x=x, y=y,
-                                resume=resume, progress=progress)
+                                resume=resume, progress=progress, desc=desc)
     config = to_dict(cfg)
     write_manifest(run_dir, stage="generalist", config=config, data_fingerprint=data.fingerprint,
                    seed=cfg.train.seed, wall_seconds=round(time.time() - t0, 3), metrics=metrics,

@@ -1,7 +1,8 @@
 """Typed stage configs and how they are built: defaults < config file (TOML) < CLI flags.
 
 Config-file keys mirror the flags (``model-arg`` / ``model_args``, ``batch-size`` /
-``batch_size``); unknown keys are an error that lists the valid ones. A file may hold
+``batch_size``); unknown keys are an error that lists the valid ones, which are exactly
+the flags (settings without a flag, marked ``INTERNAL``, cannot be set from a file). A file may hold
 the keys at top level or in a table named after the command (``[train-generalist]``)
 or the stage (``[generalist]``), so one pipeline file can serve every command.
 """
@@ -9,19 +10,138 @@ or the stage (``[generalist]``), so one pipeline file can serve every command.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdens.errors import ConfigError
 from kdens.models import parse_model_args
-from kdens.train import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+EPOCHS_CAP_ENV = "KDENS_EPOCHS_CAP"
+"""Smoke-test knob: every run trains at most this many epochs (README, "Docs that run")."""
+INTERNAL = {"internal": True}
+"""Field metadata: a setting with no flag; config files cannot set it and errors do not list it."""
+
+
+def _epochs_cap_from_env() -> int | None:
+    raw = os.environ.get(EPOCHS_CAP_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{EPOCHS_CAP_ENV}={raw!r} must be a positive whole number of epochs, or unset")
+    return int(raw)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every stage."""
+
+    epochs: int = 20
+    """Number of passes over the training data."""
+    batch_size: int = 128
+    """Examples per optimisation step (global, summed over DDP ranks)."""
+    optimizer: str = "sgd"
+    """'sgd' (Nesterov momentum) or 'adamw'."""
+    lr: float | None = None
+    """Peak learning rate; default 0.05 for sgd, 1e-3 for adamw."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float | None = None
+    """L2 / decoupled weight decay; default 5e-4 for sgd, 1e-2 for adamw."""
+    schedule: str = "cosine"
+    """'cosine' (per step, to zero), 'step' (x gamma every step_size epochs) or 'none'."""
+    step_size: int = field(default=10, metadata=INTERNAL)
+    """Epochs between decays for schedule='step'."""
+    gamma: float = field(default=0.1, metadata=INTERNAL)
+    """Decay factor for schedule='step'."""
+    max_norm: float | None = None
+    """If set, clip each unit's incoming weight vector to this L2 norm after every step."""
+    grad_clip: float | None = None
+    """If set, clip the global gradient L2 norm to this before every step. Distillation at
+    high T needs it: the T^2-scaled soft gradient is T * (q_T - p_T), up to T times a
+    cross-entropy gradient once student logits grow (seen: NaN at T=20, lr 0.05)."""
+    jitter: int = 0
+    """Random translation of up to this many pixels per example (the paper's +-2 px)."""
+    patience: int | None = 10
+    """Stop after this many epochs without a lower validation loss; None disables."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling, jitter and dropout."""
+    eval_batch_size: int = field(default=2048, metadata=INTERNAL)
+    """Batch size for validation passes."""
+    epochs_cap: int | None = field(default=None, metadata=INTERNAL)
+    """At most this many epochs are run (``run_epochs``); taken from $KDENS_EPOCHS_CAP when unset.
+    A smoke-test setting: it enters the manifest's config (so a capped run is never reused as
+    a real one) and is left out of it when off (``without_unset_cap``)."""
+
+    def __post_init__(self):
+        if self.epochs_cap is None:
+            self.epochs_cap = _epochs_cap_from_env()
+        if self.epochs_cap is not None and self.epochs_cap < 1:
+            raise ConfigError(f"epochs_cap {self.epochs_cap} must be >= 1 (or unset)")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size} must be >= 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"--optimizer {self.optimizer!r} unknown; valid: sgd, adamw")
+        if self.schedule not in ("cosine", "step", "none"):
+            raise ConfigError(f"--schedule {self.schedule!r} unknown; valid: cosine, step, none")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be > 0")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay} must be >= 0")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ConfigError(f"--max-norm {self.max_norm} must be > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"--grad-clip {self.grad_clip} must be > 0")
+        if self.jitter < 0:
+            raise ConfigError(f"--jitter {self.jitter} must be >= 0 pixels")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"--patience {self.patience} must be >= 1 (or unset to disable)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device!r} unknown; valid: auto, cpu, cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available here; use --device cpu or auto")
+
+    @property
+    def run_epochs(self) -> int:
+        """Epochs actually run: ``epochs``, cut to ``epochs_cap`` when a cap is set."""
+        return min(self.epochs, self.epochs_cap) if self.epochs_cap is not None else self.epochs
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if self.optimizer == "sgd" else 1e-2
+
+    def to_dict(self) -> dict:
+        return without_unset_cap(asdict(self))
+
+
+def without_unset_cap(train: dict) -> dict:
+    """A TrainConfig as data, without ``epochs_cap`` when it is off: runs keyed before the cap
+    existed keep their keys (reused by ``kdens run``, resumable from their checkpoints)."""
+    if train.get("epochs_cap", 0) is None:
+        train = {k: v for k, v in train.items() if k != "epochs_cap"}
+    return train
 
 
 def load_toml(path: Path) -> dict:
@@ -43,7 +163,8 @@ def section(doc: dict, names: tuple[str, ...]) -> dict:
             if not isinstance(v, dict) or k in ("model_args", "model-arg", "model-args", "method_args", "method-args")}
 
 
-def _norm(key: str) -> str:
+def norm_key(key: str) -> str:
+    """A config key as its field name: ``batch-size`` -> ``batch_size``, ``model-arg`` -> ``model_args``."""
     key = key.replace("-", "_")
     return {"model_arg": "model_args", "method_arg": "method_args"}.get(key, key)
 
@@ -77,15 +198,25 @@ def _coerce(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
     raise ConfigError(f"{cls_name}: {f.name.replace('_', '-')}={value!r} should be of type {t}")
 
 
+def settable(cls) -> dict[str, dataclasses.Field]:
+    """The fields of ``cls`` a config file or flag may set: all but ``INTERNAL`` ones and ``train``."""
+    return {f.name: f for f in fields(cls) if not f.metadata.get("internal") and f.name != "train"}
+
+
+def key_name(field_name: str) -> str:
+    """How ``--help`` spells a field: ``batch_size`` -> ``batch-size``, ``model_args`` -> ``model-arg``."""
+    return {"model_args": "model-arg", "method_args": "method-arg"}.get(field_name, field_name.replace("_", "-"))
+
+
 def build(cls, *layers: dict) -> Any:
     """Build dataclass ``cls`` from dict layers (later wins); a ``train`` field takes TrainConfig keys."""
-    own = {f.name: f for f in fields(cls)}
-    train_keys = {f.name: f for f in fields(TrainConfig)} if "train" in own else {}
+    own = settable(cls)
+    train_keys = settable(TrainConfig) if any(f.name == "train" for f in fields(cls)) else {}
     kw: dict[str, Any] = {}
     tkw: dict[str, Any] = {}
     for layer in layers:
         for raw_key, value in (layer or {}).items():
-            key = _norm(raw_key)
+            key = norm_key(raw_key)
             if key in own and key != "train":
                 if key in _KEY_VALUE_KEYS:
                     value = parse_model_args(value, *_KEY_VALUE_KEYS[key])
@@ -95,7 +226,7 @@ def build(cls, *layers: dict) -> Any:
             elif key in train_keys:
                 tkw[key] = _coerce("train", train_keys[key], value)
             else:
-                valid = sorted(k.replace("_", "-") for k in list(own) + list(train_keys) if k != "train")
+                valid = sorted(key_name(k) for k in list(own) + list(train_keys))
                 raise ConfigError(f"unknown config key {raw_key!r}; valid keys: {', '.join(valid)}")
     if train_keys:
         kw["train"] = TrainConfig(**tkw)
@@ -103,12 +234,16 @@ def build(cls, *layers: dict) -> Any:
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                and f.name not in kw]
     if missing:
-        raise ConfigError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        raise ConfigError(f"missing required setting(s): {', '.join('--' + key_name(m) for m in missing)}")
     return cls(**kw)
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """A config as plain data (manifests, ``kdens run`` keys); an unset epochs cap is left out."""
+    d = dataclasses.asdict(cfg)
+    if isinstance(d.get("train"), dict):
+        d["train"] = without_unset_cap(d["train"])
+    return without_unset_cap(d) if isinstance(cfg, TrainConfig) else d
 
 
 @dataclass

@@ -106,7 +106,10 @@ def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict,
     metrics = evaluate_model(model, data, train.eval_batch_size)
     metrics.update(params=count_params(model), train_seconds=round(result.seconds, 3),
                    best_epoch=result.best_epoch, epochs_run=len(result.history),
-                   stopped_early=result.stopped_early, train_examples=int(len(y)))
+                   stopped_early=result.stopped_early, train_examples=int(len(y)),
+                   training_check=result.health)
+    if train.epochs_cap is not None:  # a smoke-test run: say so wherever its numbers are read
+        metrics["epochs_cap"] = train.epochs_cap
     save_model(run_dir, model, spec)
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_json(run_dir / "history.json", result.history)

@@ -3,7 +3,8 @@
 Data lives in memory (on the GPU when training there) and is batched by index, which
 avoids DataLoader overhead for data that fits. Stages swap the loss (``loss_fn``) and
 the batch composition (``sampler``); everything else — optimizer, schedule, max-norm,
-jitter, early stopping, checkpoint/resume, NaN detection, DDP — is shared.
+jitter, early stopping, checkpoint/resume, progress, the health checks of ``kdens.health``
+(NaN, dead units, a run that ends at chance fails with exit code 1), DDP — is shared.
 """
 
 from __future__ import annotations
@@ -19,94 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdens.errors import ConfigError, TrainingError
+from kdens import health
+from kdens.config import EPOCHS_CAP_ENV, TrainConfig, without_unset_cap  # noqa: F401 (TrainConfig's old home)
+from kdens.errors import ConfigError, TrainingError, TrainingFailed
+from kdens.progress import Progress
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 Sampler = Callable[[int, torch.Generator], Iterable[torch.Tensor]]
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by every stage."""
-
-    epochs: int = 20
-    """Number of passes over the training data."""
-    batch_size: int = 128
-    """Examples per optimisation step (global, summed over DDP ranks)."""
-    optimizer: str = "sgd"
-    """'sgd' (Nesterov momentum) or 'adamw'."""
-    lr: float | None = None
-    """Peak learning rate; default 0.05 for sgd, 1e-3 for adamw."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float | None = None
-    """L2 / decoupled weight decay; default 5e-4 for sgd, 1e-2 for adamw."""
-    schedule: str = "cosine"
-    """'cosine' (per step, to zero), 'step' (x gamma every step_size epochs) or 'none'."""
-    step_size: int = 10
-    """Epochs between decays for schedule='step'."""
-    gamma: float = 0.1
-    """Decay factor for schedule='step'."""
-    max_norm: float | None = None
-    """If set, clip each unit's incoming weight vector to this L2 norm after every step."""
-    grad_clip: float | None = None
-    """If set, clip the global gradient L2 norm to this before every step. Distillation at
-    high T needs it: the T^2-scaled soft gradient is T * (q_T - p_T), up to T times a
-    cross-entropy gradient once student logits grow (seen: NaN at T=20, lr 0.05)."""
-    jitter: int = 0
-    """Random translation of up to this many pixels per example (the paper's +-2 px)."""
-    patience: int | None = 10
-    """Stop after this many epochs without a lower validation loss; None disables."""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'."""
-    amp: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)."""
-    seed: int = 0
-    """Seed for initialisation, shuffling, jitter and dropout."""
-    eval_batch_size: int = 2048
-    """Batch size for validation passes."""
-
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs {self.epochs} must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size} must be >= 1")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"--optimizer {self.optimizer!r} unknown; valid: sgd, adamw")
-        if self.schedule not in ("cosine", "step", "none"):
-            raise ConfigError(f"--schedule {self.schedule!r} unknown; valid: cosine, step, none")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr {self.lr} must be > 0")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay {self.weight_decay} must be >= 0")
-        if self.max_norm is not None and not self.max_norm > 0:
-            raise ConfigError(f"--max-norm {self.max_norm} must be > 0")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"--grad-clip {self.grad_clip} must be > 0")
-        if self.jitter < 0:
-            raise ConfigError(f"--jitter {self.jitter} must be >= 0 pixels")
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"--patience {self.patience} must be >= 1 (or unset to disable)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device {self.device!r} unknown; valid: auto, cpu, cuda")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device}: CUDA is not available here; use --device cpu or auto")
-
-    @property
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
-
-    @property
-    def resolved_weight_decay(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 5e-4 if self.optimizer == "sgd" else 1e-2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 @dataclass
 class TrainResult:
     """What a finished training run reports; the model holds the best weights."""
@@ -115,8 +36,11 @@ class TrainResult:
     best_epoch: int = 0
     best_val_loss: float = float("nan")
     stopped_early: bool = False
+    """Early stopping ended the run before its last epoch (never true when every epoch ran)."""
     seconds: float = 0.0
     resumed_from_epoch: int = 0
+    health: dict = field(default_factory=dict)
+    """What ``kdens.health.check_learned`` found on the kept weights (metrics: ``training_check``)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -163,8 +87,8 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
     """Learning rate for a (0-based) epoch and step; pure so resume needs no scheduler state."""
     base = cfg.resolved_lr
-    if cfg.schedule == "cosine":
-        t = (epoch * steps_per_epoch + step) / max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":  # over the epochs that run: a capped smoke test still anneals
+        t = (epoch * steps_per_epoch + step) / max(1, cfg.run_epochs * steps_per_epoch)
         return base * 0.5 * (1.0 + math.cos(math.pi * t))
     if cfg.schedule == "step":
         return base * cfg.gamma ** (epoch // cfg.step_size)
@@ -204,33 +128,13 @@ def predict_logits(model: nn.Module, x, batch_size: int = 2048, device: torch.de
     return torch.cat(outs)
 
 
-def _evaluate(model, x, y, cfg, device, amp, epoch: int) -> tuple[float, float]:
+def _evaluate(model, x, y, cfg, device, amp, epoch: int, desc: str) -> tuple[float, float]:
     if x is None or len(x) == 0:
         return float("nan"), float("nan")
     logits = predict_logits(model, x, cfg.eval_batch_size, device, amp)
-    _check_alive(logits, epoch)
+    health.check_alive(logits, epoch, cfg, desc)
     yt = torch.as_tensor(y)
     return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())
-
-
-def _check_alive(logits: torch.Tensor, epoch: int) -> None:
-    """Stop a run whose output no longer depends on its input.
-
-    Every validation example getting the same logits means the hidden units died (a ReLU
-    net pushed far by one huge step); no later epoch can revive them, and the run would
-    otherwise finish "successfully" at chance accuracy. Seen here with distillation at
-    T=8 into a 30-30 MLP at SGD lr 0.05: the T^2-scaled soft gradient is up to T times a
-    cross-entropy gradient early on.
-    """
-    if len(logits) < 2:
-        return
-    spread = float((logits - logits[0]).abs().max())
-    if spread <= 1e-6 * (1.0 + float(logits[0].abs().max())):
-        raise TrainingError(
-            f"the network's output stopped depending on its input at epoch {epoch + 1} (every validation "
-            "example gets the same logits: its units died after too large a step); lower --lr or set "
-            "--grad-clip (e.g. 5), then rerun with --force"
-        )
 
 
 def _state_copy(model: nn.Module) -> dict:
@@ -258,10 +162,14 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
             uninterrupted run with the same settings.
         run_key: fingerprint of everything that determines the run; a checkpoint made
             under another key is refused rather than silently continued.
-        progress: show a progress bar (rank 0 only).
-        desc: label of the progress bar.
+        progress: show progress (rank 0 only; ``kdens.progress``: bars on a terminal, lines in a log).
+        desc: the run's name in progress and in error messages.
         on_epoch: called with the 0-based epoch before each epoch's first step (also after a
             resume), for losses whose weights follow a schedule (a warmup, an annealed weight).
+
+    Raises:
+        TrainingFailed: the loss became NaN, the units died, or the kept weights are at chance
+            (``kdens.health``); the checkpoint is removed, since nothing can continue from it.
     """
     cfg = cfg or TrainConfig()
     device = resolve_device(cfg.device)
@@ -315,20 +223,18 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
         result.resumed_from_epoch = start_epoch
         result.seconds = float(ck["seconds"])
         if ck.get("stopped", False):
-            result.stopped_early = True
-            start_epoch = cfg.epochs
+            result.stopped_early = start_epoch < cfg.run_epochs
+            start_epoch = cfg.run_epochs
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=desc, unit="epoch", dynamic_ncols=True,
-                   leave=True, mininterval=0.5)
+    E = cfg.run_epochs
+    shown = Progress(desc, E, min(start_epoch, E), steps_per_epoch, enabled=progress and rank == 0)
     check_every = 1 if device.type == "cpu" else 50  # each check syncs the GPU
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, E):
             t_epoch = time.perf_counter()
             if on_epoch is not None:
                 on_epoch(epoch)
+            shown.start_epoch(epoch)
             net.train()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
@@ -357,14 +263,15 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
                 d = loss.detach()
                 pending.append((step, d))
                 if len(pending) >= check_every:
-                    _check_finite(pending, epoch)
+                    health.check_finite(pending, epoch, cfg, desc)
                     pending.clear()
                 loss_sum += d * len(idx)
                 if yb is not None:
                     correct += (logits.detach().argmax(1) == yb).sum()
                 seen += len(idx)
-            _check_finite(pending, epoch)
-            val_loss, val_acc = _evaluate(model, x_val, y_val, cfg, device, amp, epoch)
+                shown.step(step)
+            health.check_finite(pending, epoch, cfg, desc)
+            val_loss, val_acc = _evaluate(model, x_val, y_val, cfg, device, amp, epoch, desc)
             rec = {
                 "epoch": epoch + 1,
                 "train_loss": float(loss_sum) / max(1, seen),
@@ -381,39 +288,32 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
                 best_state = _state_copy(model)
             else:
                 bad_epochs += 1
-            stop = cfg.patience is not None and not math.isnan(val_loss) and bad_epochs >= cfg.patience
+            # early stopping ends a run before its last epoch; at the last one it ended anyway
+            stop = (cfg.patience is not None and not math.isnan(val_loss) and bad_epochs >= cfg.patience
+                    and epoch + 1 < E)
             result.seconds += rec["seconds"]
             if ckpt_path and rank == 0:
                 _save_checkpoint(ckpt_path, model, opt, gen, best_state, bad_epochs, epoch + 1, result,
                                  run_key, stop, device)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
-                                val_acc=f"{val_acc:.4f}", refresh=False)
-                bar.update(1)
+            shown.end_epoch(rec)
             if stop:
                 result.stopped_early = True
                 break
+        model.load_state_dict(best_state)
+        if x_val is not None and y_val is not None and len(x_val):
+            logits = predict_logits(model, x_val, cfg.eval_batch_size, device, amp)
+            result.health = health.check_learned(logits, y_val, result.history, cfg, desc)
+        else:
+            result.health = {"checked": False, "reason": "no validation split"}
+    except TrainingFailed:
+        if ckpt_path and rank == 0:
+            ckpt_path.unlink(missing_ok=True)
+        raise
     finally:
-        if bar is not None:
-            bar.close()
-    model.load_state_dict(best_state)
+        shown.close()
     if world > 1:
         torch.distributed.barrier()
     return result
-
-
-def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int) -> None:
-    if not pending:
-        return
-    vals = torch.stack([v for _, v in pending])
-    bad = ~torch.isfinite(vals)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        step, value = pending[i][0], float(vals[i])
-        raise TrainingError(
-            f"loss became {value} at epoch {epoch + 1}, step {step + 1}; lower --lr, set --grad-clip "
-            "(e.g. 5) or --max-norm, or check the inputs for NaN"
-        )
 
 
 def _save_checkpoint(path: Path, model, opt, gen, best_state, bad_epochs, epoch, result: TrainResult,

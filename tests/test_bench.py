@@ -275,3 +275,29 @@ def test_rows_from_an_older_bench_json_rank_and_plot_by_their_p50(tmp_path):
     lines = bench.render_table(old, ["a"]).splitlines()
     assert [ln.split("|")[2].strip() for ln in lines[2:4]] == ["a", "b"]
     assert bench.plot(old, ["a"], tmp_path / "old.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_weight_streaming_bound_never_sits_unexplained_above_faster_latencies():
+    from deploy.report import bound_line
+
+    lat = {"b1_t1": {"p50": 0.01, "p90": 0.02, "p99": 0.03, "runs": 10}}
+    cached = {"latency_bound_ms": 0.1, "weight_bytes": 10**6, "bandwidth_gbps": 10.0, "cache_bytes": 32 * 2**20,
+              "weights_fit_in_cache": True, "latency_ms": lat}
+    text = render_markdown({"target": "onnx", "precision": "int8", **cached})
+    assert "Not a bound here: the weights fit in the 32 MiB last-level cache" in text and "beat it" in text
+    dram = {**cached, "weights_fit_in_cache": False}
+    assert bound_line(dram) is None and "streaming" not in render_markdown(dram)
+    slow = {**dram, "latency_ms": {"b1_t1": {"p50": 0.5, "p90": 0.6, "p99": 0.7, "runs": 10}}}
+    assert bound_line(slow).startswith("Weight-streaming bound: 0.1000 ms")
+
+
+def test_runtime_info_lines_are_dropped_at_the_file_descriptor(capfd):
+    """TFLite's native logger writes past sys.stderr, straight to fd 2; other lines still show."""
+    import os
+
+    from deploy.edge_runner import without_runtime_info
+
+    with without_runtime_info():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: a real problem\n")
+    err = capfd.readouterr().err
+    assert "INFO:" not in err and "ERROR: a real problem" in err

@@ -96,3 +96,56 @@ def test_interrupted_folder_needs_resume(tmp_path, digits):
 def test_run_missing_config_exits_2(tmp_path):
     r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.toml")])
     assert r.exit_code == 2 and "nope.toml" in r.output and "Traceback" not in r.output
+
+
+def test_config_file_out_is_overridden_by_the_flag(tmp_path):
+    """The README's config file holds `out`; `--out` overrides it like any other key."""
+    cfg = tmp_path / "runs.toml"
+    cfg.write_text(f'[train-generalist]\nmodel = "mlp"\nmodel_args = {{ hidden = [16] }}\nepochs = 2\n'
+                   f'batch-size = 64\nout = "{tmp_path / "from-file"}"\n')
+    r = _run(["train-generalist", "--config", str(cfg), "--out", str(tmp_path / "other"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "other" / "manifest.json").exists() and not (tmp_path / "from-file").exists()
+    r = _run(["train-generalist", "--config", str(cfg), "--quiet"])
+    assert r.exit_code == 0 and (tmp_path / "from-file" / "manifest.json").exists()
+
+
+def test_unknown_key_lists_only_what_help_shows(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "mlp"\ngamma = 0.5\n')  # a TrainConfig field without a flag
+    r = _run(["train-generalist", "--config", str(bad), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "unknown config key 'gamma'" in r.output
+    listed = r.output.split("valid keys", 1)[1].split(": ", 1)[1].strip().split(", ")
+    help_text = _run(["train-generalist", "--help"]).output
+    assert listed and all(f"--{key}" in help_text for key in listed), listed
+    assert "out" in listed and "model-arg" in listed and "eval-batch-size" not in listed
+
+
+def test_stopped_early_only_when_epochs_were_left(digits):
+    from kdens.models import build_model
+    from kdens.train import TrainConfig, fit
+
+    m = build_model("mlp", 10, (1, 8, 8), hidden=[32])
+    fit(m, digits.x_train, digits.y_train, digits.x_val, digits.y_val, TrainConfig(epochs=4, batch_size=64),
+        progress=False)
+    # no learning from here on: epochs 2 and 3 do not improve, and patience 2 runs out at the last one
+    still = fit(m, digits.x_train, digits.y_train, digits.x_val, digits.y_val,
+                TrainConfig(epochs=3, patience=2, batch_size=64), loss_fn=lambda z, xb, yb, idx: 0 * z.sum(),
+                progress=False)
+    assert len(still.history) == 3 and still.stopped_early is False
+    early = fit(m, digits.x_train, digits.y_train, digits.x_val, digits.y_val,
+                TrainConfig(epochs=5, patience=2, batch_size=64), loss_fn=lambda z, xb, yb, idx: 0 * z.sum(),
+                progress=False)
+    assert len(early.history) == 3 and early.stopped_early is True
+
+
+def test_distill_result_line_comes_last(tmp_path):
+    teacher = tmp_path / "t"
+    assert _run(["train-generalist", "--model", "mlp", "--model-arg", "hidden=32", "--epochs", "3",
+                 "--batch-size", "64", "--quiet", "--out", str(teacher)]).exit_code == 0
+    for name, word in (("s1", "built"), ("s2", "reused")):
+        r = _run(["distill", "--teacher", str(teacher), "--model", "mlp", "--model-arg", "hidden=16",
+                  "--epochs", "3", "--batch-size", "64", "--quiet", "--out", str(tmp_path / name)])
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 0 and lines[0].startswith(f"soft targets: {word}"), lines
+        assert lines[-1].startswith(f"{tmp_path / name}: test_accuracy="), lines

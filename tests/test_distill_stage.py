@@ -191,7 +191,7 @@ def test_unlabeled_transfer_forces_alpha_zero(runs, tmp_path, digits):
     path = tmp_path / "extra.npz"
     np.savez(path, x=digits.x_test[:, 0])  # (N, 8, 8) floats in [0, 1], no labels
     cfg = build(DistillConfig, {"teacher": str(runs["gen0"]), "model": "mlp", "model_args": {"hidden": [16]},
-                                "transfer": f"unlabeled={path}", "alpha": 0.3, "epochs": 2, "batch_size": 64,
+                                "transfer": f"unlabeled={path}", "alpha": 0.3, "epochs": 6, "batch_size": 64,
                                 "val_fraction": 0.2})
     with pytest.warns(UserWarning, match="forced to 0"):
         out = run(cfg, tmp_path / "u", progress=False)
@@ -226,7 +226,7 @@ def test_adhoc_list_of_two_generalists(runs, tmp_path, digits):
 
 def test_jitter_runs_the_teacher_online_without_a_cache(runs, tmp_path):
     out = tmp_path / "exp" / "jit"
-    r = _distill("--teacher", runs["gen0"], *STUDENT, "--epochs", 1, "--jitter", 1, "--out", out)
+    r = _distill("--teacher", runs["gen0"], *STUDENT, "--epochs", 3, "--jitter", 1, "--out", out)
     assert r.exit_code == 0, r.output
     assert _json(out / "metrics.json")["soft_targets"]["online"] is True
     assert not (tmp_path / "exp" / "soft_targets").exists()

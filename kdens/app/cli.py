@@ -1,8 +1,8 @@
 """The ``kdens`` command line: parse, build a config, call one stage, print a summary.
 
 Stage commands live one file per stage (``cli_<stage>.py``) and are registered from the
-stage table (``kdens.app.stages``). Library errors (``KdensError``) become one line on
-stderr and exit code 2; a failed deploy gate exits 1.
+stage table (``kdens.app.stages``). Library errors become one line on stderr and an exit
+code, the scheme of ``kdens.errors``: 1 for a failed gate or training run, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -14,19 +14,26 @@ import click
 
 from kdens import __version__
 from kdens.app.cli_common import CONTEXT
-from kdens.errors import GateFailed, KdensError
+from kdens.errors import GateFailed, KdensError, TrainingFailed
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class KdensGroup(click.Group):
+    """Every command's exit codes, in one place: see ``kdens --help``."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except GateFailed as e:
             click.echo(f"Gate failed: {e}", err=True)
-            ctx.exit(1)
+            ctx.exit(EXIT_FAILED)
+        except TrainingFailed as e:
+            click.echo(f"Training failed: {e}", err=True)
+            ctx.exit(EXIT_FAILED)
         except KdensError as e:
             click.echo(f"Error: {e}", err=True)
-            ctx.exit(2)
+            ctx.exit(EXIT_BAD_INPUT)
 
 
 @click.group(cls=KdensGroup, context_settings=CONTEXT)
@@ -46,6 +53,14 @@ def cli():
     \b
     Or all of it from one file, reusing finished stages:
       kdens run examples/digits.toml
+
+    \b
+    Exit codes, the same for every command:
+      0  everything passed
+      1  a gate or training failure: a deploy budget or check was missed (the artifact is
+         kept), or a run trained but learned nothing usable (diverged, units died, ended
+         at chance); the message says what happened and what to change
+      2  bad input: a path, file, folder, value or flag to fix (nothing is written)
     """
 
 

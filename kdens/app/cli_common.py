@@ -74,7 +74,7 @@ def run_options(f):
         click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Run folder to write."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run in --out."),
         click.option("--force", is_flag=True, help="Overwrite a finished run in --out."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--quiet", is_flag=True, help="No progress (bars on a terminal, one line per epoch in a log)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -82,18 +82,33 @@ def run_options(f):
 
 
 RUN_KEYS = ("config_file", "out", "resume", "force", "quiet")
+NOT_IN_FILES = ("config_file", "resume", "force", "quiet")
+"""Flags that say how to run this once, not what to make: a config file cannot set them."""
 
 
 def layers(config_file: Path | None, names: tuple[str, ...], flags: dict) -> tuple[dict, dict, Path | None]:
-    """(file layer, flag layer, out) for config.build; flags left unset are dropped."""
-    from kdens.config import load_toml, section
+    """(file layer, flag layer, out) for config.build; flags left unset are dropped.
+
+    ``flags`` are the command's parameters (what ``--help`` shows); a config file may set
+    any of them but ``NOT_IN_FILES``, ``out`` included, and each flag given overrides it.
+    """
+    from kdens.config import key_name, load_toml, norm_key, section
+    from kdens.errors import ConfigError
 
     file_layer = section(load_toml(config_file), names) if config_file else {}
-    out = flags.pop("out", None) or file_layer.pop("out", None)
+    settable = {k for k in flags if k not in NOT_IN_FILES}
+    for raw in file_layer:
+        if norm_key(raw) not in settable:
+            valid = ", ".join(sorted(key_name(k) for k in settable))
+            raise ConfigError(f"--config {config_file}: unknown config key {raw!r}; valid keys (the flags of "
+                              f"--help, with '-' or '_'): {valid}")
+    file_out = next((file_layer.pop(k) for k in list(file_layer) if norm_key(k) == "out"), None)
+    out = flags.pop("out", None) or file_out  # a flag overrides the file, as for every other key
     flag_layer = {k: v for k, v in flags.items() if v is not None and v != () and k not in RUN_KEYS}
     if not out:
         raise click.UsageError("--out is required (or 'out' in the config file)")
     return file_layer, flag_layer, Path(out)
+
 
 
 def print_metrics(run_dir: Path, keys=("test_accuracy", "test_errors", "val_accuracy", "train_seconds")):

@@ -85,9 +85,10 @@ def distill_cmd(**flags):
             click.echo(f"ensemble of {len(m['generations'])} generations: test_errors={m['ensemble']['test_errors']} "
                        f"(usable as --teacher {run_dir})")
         return
-    print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
-                             "gap_recovered", "train_seconds"))
+    # how the soft targets were had comes first (it happened first): the result line ends the output
     soft = read_json(run_dir / "metrics.json").get("soft_targets") or {}
     if soft and not soft.get("online"):
         click.echo(f"soft targets: {'reused' if soft.get('reused') else 'built'} "
                    f"(build {soft.get('build_seconds', 0):.2f}s)")
+    print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
+                             "gap_recovered", "train_seconds"))

@@ -10,6 +10,10 @@ import click
 from click.testing import CliRunner
 
 
+ORDER = ("train-generalist", "train-ensemble", "train-specialists", "distill", "deploy", "bench", "evaluate",
+         "run", "report")
+
+
 def render() -> str:
     from kdens.app.cli import cli
 
@@ -23,7 +27,10 @@ def render() -> str:
 
     parts.append("## kdens\n\n```text\n" + help_of([]) + "\n```\n")
     ctx = click.Context(cli)
-    for name in cli.list_commands(ctx):
+    names = cli.list_commands(ctx)
+    # pipeline order, not alphabetical: each section's examples then use only folders that the
+    # sections above made, so the page runs top to bottom (tests/test_docs_run.py runs it)
+    for name in [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]:
         parts.append(f"## kdens {name}\n\n```text\n" + help_of([name]) + "\n```\n")
     return "\n".join(parts)
 

@@ -36,8 +36,9 @@ def train_ensemble(**flags):
       kdens train-ensemble --data fashion-mnist --model cnn --members 5 --epochs 15 \\
           --out runs/fm/ensemble
       kdens train-ensemble --data digits --member-models "mlp:hidden=64;cnn:size=small" \\
-          --members 4 --combine geometric --out runs/d/ensemble
-      kdens train-ensemble ... --rank 1 --world-size 2     # second of two machines
+          --members 4 --combine geometric --out runs/d/ensemble-mixed
+      kdens train-ensemble --data digits --model mlp --members 4 --rank 1 --world-size 2 \\
+          --out runs/d/ensemble-shared     # the second of two machines sharing one folder
     """
     from ensembles.config import EnsembleConfig
     from ensembles.stage import pending_members, run

@@ -17,7 +17,7 @@ from kdens.app.cli_common import CONTEXT
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="Experiment folder [the file's 'out', else runs/<name>].")
 @click.option("--dry-run", is_flag=True, help="Print what would be reused and what would run, then stop.")
-@click.option("--quiet", is_flag=True, help="No progress bars (the per-stage lines stay).")
+@click.option("--quiet", is_flag=True, help="No training progress (the per-stage lines stay).")
 def run_cmd(config_file, from_stage, out, dry_run, quiet):
     """Run a whole pipeline from one TOML file: teachers, students, deploy, bench, report.
 
@@ -25,7 +25,8 @@ def run_cmd(config_file, from_stage, out, dry_run, quiet):
     Stages whose config and inputs are unchanged since the last run are reused; a changed
     stage is redone and so is everything downstream of it; an interrupted run continues
     where it stopped. The report (report.md, report/*.png, report.html) is written last.
-    Exit 0 when everything passes, 1 when a deploy gate fails, 2 on bad input.
+    Exit 0 when everything passes; 1 when a deploy gate fails (after bench and the report)
+    or a stage's training fails (the pipeline stops there); 2 on bad input.
     \b
     Examples:
       kdens run examples/digits.toml
@@ -49,7 +50,7 @@ def report_cmd(exp_dir, html):
 
     \b
     Example:
-      kdens report runs/fm
+      kdens report runs/digits
     """
     from kdens.app.report import write_report
 

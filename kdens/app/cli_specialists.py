@@ -38,7 +38,7 @@ def train_specialists(**flags):
 
     \b
     Example:
-      kdens train-specialists --generalist runs/fm/cnn --clusters 3 --epochs 5 --lr 0.01 \\
+      kdens train-specialists --generalist runs/fm/generalist --clusters 3 --epochs 5 --lr 0.01 \\
           --out runs/fm/specialists
       kdens train-specialists --generalist runs/d/generalist --groups "3,5,8;1,7" --out runs/d/spec
       kdens evaluate runs/fm/specialists

@@ -25,7 +25,7 @@ from typing import Callable
 from kdens.app.plan import Plan, Stage
 from kdens.app.stages import STAGES
 from kdens.artifacts import MANIFEST, atomic_write_json, read_json, sha256_file, to_json
-from kdens.errors import GateFailed, KdensError
+from kdens.errors import GateFailed, KdensError, TrainingFailed
 
 STATE = "pipeline.json"
 
@@ -130,6 +130,8 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
     Raises:
         KdensError: a stage failed on bad input or data; earlier stages stay as they are and
             ``pipeline.json`` records the failure.
+        TrainingFailed: a stage trained but learned nothing usable; the same record, and the
+            advice says which key of the pipeline file to change.
         GateFailed: a deploy budget or check failed (after every stage and the report ran).
     """
     exp = plan.exp_dir
@@ -175,9 +177,13 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
             record.update(status="gate-failed", verdict="fail", error=str(e))
             out.gate_failures.append(f"{stage.name}: {e}")
         except KdensError as e:
-            record.update(status="failed", error=str(e), seconds=round(time.time() - t, 3))
+            failed = isinstance(e, TrainingFailed)
+            text = training_advice(plan, stage, e) if failed else str(e)
+            record.update(status="failed", error=text, seconds=round(time.time() - t, 3))
             doc["finished"] = datetime.now().isoformat(timespec="seconds")
             _save(exp, doc)
+            if failed:  # exit 1, like a gate: the input was fine, the training was not
+                raise TrainingFailed(e.who, e.what, e.changes, e.why, e.alternatives, text=text) from None
             raise KdensError(f"stage {stage.name} failed: {e}") from None
         else:
             record.update(status="done", verdict="pass" if stage.kind == "deploy" else None)
@@ -200,6 +206,30 @@ def run_pipeline(plan: Plan, *, from_stage: str | None = None, progress: bool = 
     if out.gate_failures:
         raise GateFailed("; ".join(out.gate_failures))
     return out
+
+
+def training_advice(plan: Plan, stage: Stage, e: TrainingFailed) -> str:
+    """``e`` rendered for a pipeline: settings as keys of the stage's table in the pipeline file,
+    and the rerun that ``kdens run`` has (a changed key redoes the stage; no ``--force`` here)."""
+    config_file = getattr(plan, "config_file", None) or "the pipeline file"
+    table = _table_of(plan, stage)
+    return e.message(setting=lambda k, v: f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v:g}"
+                     if isinstance(v, float) else f"{k} = {v}",
+                     where=f"in {table} of {config_file}", who=f"stage {stage.name}",
+                     rerun=f"then rerun `kdens run {config_file}`: a changed setting redoes this stage and "
+                           f"everything after it (`--from {stage.name}` redoes it without a change)")
+
+
+def _table_of(plan: Plan, stage: Stage) -> str:
+    """The pipeline file's table that holds ``stage``'s training settings."""
+    if stage.kind not in ("student", "baseline"):
+        return f"[{stage.kind}]"
+    base = stage.info.get("student") if stage.kind == "baseline" else stage.name
+    for table in plan.doc.get("distill") or []:  # a temperature list makes <name>-T<t> students
+        name = str(table.get("name", ""))
+        if name and (base == name or str(base).startswith(f"{name}-T")):
+            return f'the [[distill]] table with name = "{name}"'
+    return "its [[distill]] table"
 
 
 def _load_state(exp: Path) -> dict:
