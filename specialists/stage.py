@@ -7,7 +7,8 @@ Hinton, Vinyals & Dean (2015), section 5. From a finished generalist run:
    groups of one class get no specialist. ``clusters.json`` and ``clusters.png``.
 2. one specialist per group, ``spec-00`` ... (``specialists.train``): an ordinary run
    folder (weights, model.json, metrics, history, manifest with stage ``specialist``),
-   trained on half-group batches from the generalist's weights, dustbin corrected.
+   started as the generalist restricted to its group (``specialists.model``), trained on
+   half-group batches, dustbin corrected.
 3. when every specialist is finished: the generalist and its active specialists are
    combined on the test split (``specialists.teacher.Combiner``) and scored as in the
    paper's Tables 3-4 (``specialists.evaluate.breakdown``): ``metrics.json``, then
@@ -41,7 +42,7 @@ from kdens.artifacts import (
 )
 from kdens.config import to_dict
 from kdens.data import Dataset, stratified_subset
-from kdens.errors import ArtifactError, ConfigError, DataError, ModelError
+from kdens.errors import ArtifactError, ConfigError, DataError
 from kdens.runs import data_config, prepare_run_dir, run_data, run_key, same_settings, sub_run_plan
 from kdens.models import load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
@@ -168,9 +169,6 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
         raise DataError(f"--generalist {gen_dir} was trained with --val-fraction 0; specialists need its "
                         "validation split (for clustering and early stopping): retrain it with --val-fraction > 0")
     gen_model, gen_spec = load_model(gen_dir)
-    if not isinstance(getattr(gen_model, "head", None), torch.nn.Linear):
-        raise ModelError(f"--generalist {gen_dir}: model {gen_spec['name']!r} has no `head: nn.Linear` to copy "
-                         "output rows from")
     if cfg.top_n > data.num_classes:
         raise ConfigError(f"--top-n {cfg.top_n} must be <= {data.num_classes}, the number of classes")
     if cfg.train.batch_size < 2:
@@ -291,7 +289,7 @@ def _finish(cfg, run_dir, groups, gen_dir, gen_model, gen_hash, data, data_confi
         {"run": d.name, "group": g, "seed": specialist_train_config(cfg.train, m).seed,
          **{k: s.get(k) for k in ("test_accuracy", "test_generalist_accuracy", "test_in_group_accuracy",
                                   "test_generalist_in_group_accuracy", "val_nll", "val_nll_uncorrected",
-                                  "oversampling_factor", "dustbin_init_rmse", "best_epoch", "epochs_run",
+                                  "oversampling_factor", "init_max_abs_logprob_diff", "best_epoch", "epochs_run",
                                   "params", "train_seconds")}}
         for m, (d, g, s) in enumerate(zip(dirs, groups, own))]
     report["train_seconds"] = round(sum(s.get("train_seconds", 0.0) for s in own), 3)

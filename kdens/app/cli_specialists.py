@@ -30,7 +30,8 @@ def train_specialists(**flags):
     The generalist's predictions on its validation split are clustered into groups of
     classes it confuses (clusters.json, clusters.png). Each group gets a specialist
     (spec-00 ...): the generalist's architecture with the group's classes plus a dustbin,
-    started from its weights, trained on batches half from the group, dustbin corrected.
+    started as the generalist restricted to the group (its copy, dustbin logit = log-sum-exp
+    of the other classes' logits), trained on batches half from the group, dustbin corrected.
     The generalist and its active specialists are combined on the test split
     (metrics.json). Data and architecture are the generalist's; a specialist's epoch is
     one pass over its group's examples. A rerun skips finished specialists; --resume
