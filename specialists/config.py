@@ -31,6 +31,10 @@ class SpecialistsConfig:
     """k-means flavour: minibatch (online, as in the paper) or kmeans (Lloyd)."""
     top_n: int = 1
     """A specialist takes part when its group meets the generalist's top-n classes."""
+    drop_unhelpful: bool = True
+    """Check each specialist on the validation split (with the generalist, as the combination uses it) and
+    drop one that does not lower the NLL or loses correct answers there; its group is left to the generalist
+    (specialists.check; recorded in metrics.json and clusters.json). False keeps every specialist."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation of every specialist (flat keys: epochs, lr, jitter, ...); specialist m uses seed + m,
     and seed also seeds k-means."""
@@ -53,3 +57,5 @@ class SpecialistsConfig:
             raise ConfigError(f"--cluster-algorithm {self.cluster_algorithm!r} unknown; valid: {', '.join(ALGORITHMS)}")
         if isinstance(self.top_n, bool) or not isinstance(self.top_n, numbers.Integral) or self.top_n < 1:
             raise ConfigError(f"--top-n {self.top_n!r} must be an integer >= 1")
+        if not isinstance(self.drop_unhelpful, bool):
+            raise ConfigError(f"--drop-unhelpful {self.drop_unhelpful!r} must be true or false")

@@ -19,6 +19,9 @@ from kdens.app.cli_common import CONTEXT, RUN_KEYS, layers, run_options, train_o
               help="Online (as in the paper) or Lloyd k-means [minibatch].")
 @click.option("--top-n", type=click.IntRange(min=1),
               help="Specialists of the generalist's top-n classes take part [1].")
+@click.option("--drop-unhelpful/--keep-unhelpful", default=None,
+              help="Drop a specialist that does not lower the validation NLL (or loses correct answers) where it "
+                   "takes part; its group is left to the generalist [drop].")
 @click.option("--rank", type=click.IntRange(min=0), help="Train only specialists m with m mod W = R [RANK or 0].")
 @click.option("--world-size", type=click.IntRange(min=1),
               help="Number of ranks W sharing the specialists [WORLD_SIZE or 1].")
@@ -32,7 +35,9 @@ def train_specialists(**flags):
     (spec-00 ...): the generalist's architecture with the group's classes plus a dustbin,
     started as the generalist restricted to the group (its copy, dustbin logit = log-sum-exp
     of the other classes' logits), trained on batches half from the group, dustbin corrected.
-    The generalist and its active specialists are combined on the test split
+    Each specialist is then checked on the validation split as the combination uses it;
+    one that does not help is dropped (--keep-unhelpful keeps it) and its group left to the
+    generalist. The generalist and its active specialists are combined on the test split
     (metrics.json). Data and architecture are the generalist's; a specialist's epoch is
     one pass over its group's examples. A rerun skips finished specialists; --resume
     continues an interrupted one; ranks share them (m mod W).
@@ -63,6 +68,8 @@ def train_specialists(**flags):
     m = read_json(run_dir / "metrics.json")
     for g, names in zip(m["groups"], m["group_class_names"]):
         click.echo(f"group {g}: {', '.join(names)}")
+    for d in m.get("dropped", []):
+        click.echo(f"dropped {d['run']} (group {d['group']}): {d['reason']}; the generalist serves its group")
     cov = m["covered"]
     click.echo(f"{run_dir}: generalist test_accuracy={m['generalist']['test_accuracy']:.4f}  "
                f"combined test_accuracy={m['combined']['test_accuracy']:.4f}  "
