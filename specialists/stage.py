@@ -48,7 +48,7 @@ from kdens.models import load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
 from specialists.check import RULE, check_specialists
-from specialists.cluster import ConfusionClusterer, parse_groups
+from specialists.cluster import ConfusionClusterer, parse_groups, seed_stability
 from specialists.config import SpecialistsConfig
 from specialists.evaluate import breakdown
 from specialists.plot import save_covariance_heatmap
@@ -92,7 +92,8 @@ def find_groups(cfg: SpecialistsConfig, gen_model, data: Dataset, gen_hash: str)
     c = data.num_classes
     p = torch.softmax(predict_logits(gen_model, data.x_val).double(), 1).numpy()  # (N_val, C)
     settings = {"generalist_manifest_sha256": gen_hash, "clusters": cfg.clusters, "groups": cfg.groups,
-                "affinity": cfg.affinity, "cluster_algorithm": cfg.cluster_algorithm, "seed": cfg.train.seed}
+                "affinity": cfg.affinity, "cluster_algorithm": cfg.cluster_algorithm,
+                "cluster_restarts": cfg.cluster_restarts, "seed": cfg.train.seed}
     if cfg.groups is not None:
         try:
             groups = parse_groups(cfg.groups, c)
@@ -100,12 +101,14 @@ def find_groups(cfg: SpecialistsConfig, gen_model, data: Dataset, gen_hash: str)
             raise ConfigError(f"--groups {cfg.groups!r}: {e}") from None
         grouped = {k for g in groups for k in g}
         all_groups = sorted(groups + [[k] for k in range(c) if k not in grouped])
-        cov, aff, inertia = np.cov(p, rowvar=False), None, None
+        cov, aff, inertia, stability = np.cov(p, rowvar=False), None, None, None
     else:
         if cfg.clusters > c:
             raise ConfigError(f"--clusters {cfg.clusters} must be <= {c}, the number of classes")
-        est = ConfusionClusterer(cfg.clusters, cfg.affinity, cfg.cluster_algorithm, random_state=cfg.train.seed).fit(p)
+        est = ConfusionClusterer(cfg.clusters, cfg.affinity, cfg.cluster_algorithm, random_state=cfg.train.seed,
+                                 n_init=cfg.cluster_restarts).fit(p)
         groups, all_groups, inertia = est.groups_, est.all_groups_, est.inertia_
+        stability = {**seed_stability(est, p), "n_init": est.n_init}  # the same clustering under other seeds
         cov, aff = est.covariance_, est.affinity_
         if not groups:
             raise ConfigError(f"--clusters {cfg.clusters} found no group of 2 or more classes to give a specialist "
@@ -117,7 +120,9 @@ def find_groups(cfg: SpecialistsConfig, gen_model, data: Dataset, gen_hash: str)
         "source": "groups" if cfg.groups is not None else "k-means",
         "affinity": cfg.affinity if cfg.groups is None else None,
         "cluster_algorithm": cfg.cluster_algorithm if cfg.groups is None else None,
-        "n_clusters": cfg.clusters, "inertia": inertia, "split": "validation", "examples": len(p),
+        "cluster_restarts": cfg.cluster_restarts if cfg.groups is None else None,
+        "n_clusters": cfg.clusters, "inertia": inertia, "stability": stability, "split": "validation",
+        "examples": len(p),
         "classes": names, "covariance": cov, "affinity_matrix": aff, "settings": settings,
     }
 

@@ -207,6 +207,7 @@ def test_files_clusters_and_manifests(run, gen, digits):
     assert cl["groups"] == [[1, 7], [3, 5, 8]] and cl["class_names"] == [["1", "7"], ["3", "5", "8"]]
     assert cl["all_groups"] == [[0], [1, 7], [2], [3, 5, 8], [4], [6], [9]]
     assert cl["split"] == "validation" and cl["examples"] == len(digits.y_val)
+    assert cl["stability"] is None  # groups given by hand: no k-means to repeat
     g_model, _ = load_model(gen)
     p = torch.softmax(predict_logits(g_model, digits.x_val).double(), 1).numpy()
     np.testing.assert_allclose(cl["covariance"], np.cov(p, rowvar=False), atol=1e-12)  # validation, not test
@@ -229,6 +230,10 @@ def test_clusters_from_kmeans(gen, tmp_path, digits):
     assert r.exit_code == 0, r.output
     cl, m = _json(out / "clusters.json"), _json(out / "metrics.json")
     assert cl["source"] == "k-means" and cl["affinity"] == "correlation" and cl["n_clusters"] == 2
+    assert cl["cluster_algorithm"] == "kmeans" and cl["cluster_restarts"] == 100  # the defaults (issue 17)
+    st = cl["stability"]  # the same clustering under k-means seeds 0..9 (the run's seed first)
+    assert st["seeds"] == list(range(10)) and st["n_init"] == 100 and st["share_like_first"] > 0
+    assert -1 <= st["min_pairwise_ari"] <= st["mean_pairwise_ari"] <= 1 and 1 <= st["distinct_partitions"] <= 10
     assert isinstance(cl["inertia"], float) and len(cl["all_groups"]) == 2
     assert sorted(k for g in cl["all_groups"] for k in g) == list(range(10))
     assert cl["groups"] == [g for g in cl["all_groups"] if len(g) >= 2]  # singletons get no specialist

@@ -15,8 +15,10 @@ from kdens.app.cli_common import CONTEXT, RUN_KEYS, layers, run_options, train_o
               help='Class groups by hand instead of --clusters: "0,2,4,6;5,7,9".')
 @click.option("--affinity", type=click.Choice(["covariance", "normalized", "correlation"]),
               help="Matrix whose columns k-means clusters [normalized].")
-@click.option("--cluster-algorithm", type=click.Choice(["minibatch", "kmeans"]),
-              help="Online (as in the paper) or Lloyd k-means [minibatch].")
+@click.option("--cluster-algorithm", type=click.Choice(["kmeans", "minibatch"]),
+              help="Lloyd or online (as in the paper) k-means [kmeans].")
+@click.option("--cluster-restarts", type=click.IntRange(min=1), metavar="N",
+              help="k-means restarts; the lowest-inertia grouping is kept [100].")
 @click.option("--top-n", type=click.IntRange(min=1),
               help="Specialists of the generalist's top-n classes take part [1].")
 @click.option("--drop-unhelpful/--keep-unhelpful", default=None,
@@ -68,6 +70,10 @@ def train_specialists(**flags):
     m = read_json(run_dir / "metrics.json")
     for g, names in zip(m["groups"], m["group_class_names"]):
         click.echo(f"group {g}: {', '.join(names)}")
+    st = read_json(run_dir / "clusters.json").get("stability") or {}
+    if st:
+        click.echo(f"k-means stability over seeds {st['seeds'][0]}..{st['seeds'][-1]}: mean pairwise adjusted Rand "
+                   f"index {st['mean_pairwise_ari']:.3f} ({st['distinct_partitions']} distinct groupings)")
     for d in m.get("dropped", []):
         click.echo(f"dropped {d['run']} (group {d['group']}): {d['reason']}; the generalist serves its group")
     cov = m["covered"]

@@ -146,6 +146,10 @@ def _heatmap(s: StageView, clusters: dict, figs: Figures) -> Image | None:
         how = "given by --groups"
     else:
         how = f"k-means on the {clusters.get('affinity') or 'covariance'} matrix, K={clusters.get('n_clusters')}"
+        st = clusters.get("stability") or {}
+        if st.get("mean_pairwise_ari") is not None:
+            how += (f"; across {len(st.get('seeds', []))} k-means seeds the groupings agree at a mean pairwise "
+                    f"adjusted Rand index of {st['mean_pairwise_ari']:.2f}")
     caption = (f"{s.name}: covariance of the generalist's predictions on {clusters.get('examples', '?')} "
                f"{clusters.get('split', 'validation')} examples; boxes are the specialists' groups ({how})")
     out = figs.path(f"covariance-{_slug(s.name)}.png")
