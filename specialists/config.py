@@ -27,10 +27,18 @@ class SpecialistsConfig:
     """Class groups given by hand instead of --clusters, e.g. "0,2,4,6;5,7,9" (one specialist each)."""
     affinity: str = "normalized"
     """Matrix whose columns are clustered: covariance (the paper's), normalized (unit-norm columns) or correlation."""
-    cluster_algorithm: str = "minibatch"
-    """k-means flavour: minibatch (online, as in the paper) or kmeans (Lloyd)."""
+    cluster_algorithm: str = "kmeans"
+    """k-means flavour: kmeans (Lloyd) or minibatch (online, as in the paper; measured far less stable,
+    BENCHMARKS.md section 6)."""
+    cluster_restarts: int = 100
+    """k-means restarts (n_init); the lowest-inertia grouping is kept. Cheap: the points are C columns of a
+    C x C matrix."""
     top_n: int = 1
     """A specialist takes part when its group meets the generalist's top-n classes."""
+    drop_unhelpful: bool = True
+    """Check each specialist on the validation split (with the generalist, as the combination uses it) and
+    drop one that does not lower the NLL or loses correct answers there; its group is left to the generalist
+    (specialists.check; recorded in metrics.json and clusters.json). False keeps every specialist."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation of every specialist (flat keys: epochs, lr, jitter, ...); specialist m uses seed + m,
     and seed also seeds k-means."""
@@ -51,5 +59,10 @@ class SpecialistsConfig:
             raise ConfigError(f"--affinity {self.affinity!r} unknown; valid: {', '.join(AFFINITIES)}")
         if self.cluster_algorithm not in ALGORITHMS:
             raise ConfigError(f"--cluster-algorithm {self.cluster_algorithm!r} unknown; valid: {', '.join(ALGORITHMS)}")
+        if isinstance(self.cluster_restarts, bool) or not isinstance(self.cluster_restarts, numbers.Integral) \
+                or self.cluster_restarts < 1:
+            raise ConfigError(f"--cluster-restarts {self.cluster_restarts!r} must be an integer >= 1")
         if isinstance(self.top_n, bool) or not isinstance(self.top_n, numbers.Integral) or self.top_n < 1:
             raise ConfigError(f"--top-n {self.top_n!r} must be an integer >= 1")
+        if not isinstance(self.drop_unhelpful, bool):
+            raise ConfigError(f"--drop-unhelpful {self.drop_unhelpful!r} must be true or false")

@@ -7,7 +7,8 @@ Hinton, Vinyals & Dean (2015), section 5. From a finished generalist run:
    groups of one class get no specialist. ``clusters.json`` and ``clusters.png``.
 2. one specialist per group, ``spec-00`` ... (``specialists.train``): an ordinary run
    folder (weights, model.json, metrics, history, manifest with stage ``specialist``),
-   trained on half-group batches from the generalist's weights, dustbin corrected.
+   started as the generalist restricted to its group (``specialists.model``), trained on
+   half-group batches, dustbin corrected.
 3. when every specialist is finished: the generalist and its active specialists are
    combined on the test split (``specialists.teacher.Combiner``) and scored as in the
    paper's Tables 3-4 (``specialists.evaluate.breakdown``): ``metrics.json``, then
@@ -41,12 +42,13 @@ from kdens.artifacts import (
 )
 from kdens.config import to_dict
 from kdens.data import Dataset, stratified_subset
-from kdens.errors import ArtifactError, ConfigError, DataError, ModelError
+from kdens.errors import ArtifactError, ConfigError, DataError
 from kdens.runs import data_config, prepare_run_dir, run_data, run_key, same_settings, sub_run_plan
 from kdens.models import load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
-from specialists.cluster import ConfusionClusterer, parse_groups
+from specialists.check import RULE, check_specialists
+from specialists.cluster import ConfusionClusterer, parse_groups, seed_stability
 from specialists.config import SpecialistsConfig
 from specialists.evaluate import breakdown
 from specialists.plot import save_covariance_heatmap
@@ -90,7 +92,8 @@ def find_groups(cfg: SpecialistsConfig, gen_model, data: Dataset, gen_hash: str)
     c = data.num_classes
     p = torch.softmax(predict_logits(gen_model, data.x_val).double(), 1).numpy()  # (N_val, C)
     settings = {"generalist_manifest_sha256": gen_hash, "clusters": cfg.clusters, "groups": cfg.groups,
-                "affinity": cfg.affinity, "cluster_algorithm": cfg.cluster_algorithm, "seed": cfg.train.seed}
+                "affinity": cfg.affinity, "cluster_algorithm": cfg.cluster_algorithm,
+                "cluster_restarts": cfg.cluster_restarts, "seed": cfg.train.seed}
     if cfg.groups is not None:
         try:
             groups = parse_groups(cfg.groups, c)
@@ -98,12 +101,14 @@ def find_groups(cfg: SpecialistsConfig, gen_model, data: Dataset, gen_hash: str)
             raise ConfigError(f"--groups {cfg.groups!r}: {e}") from None
         grouped = {k for g in groups for k in g}
         all_groups = sorted(groups + [[k] for k in range(c) if k not in grouped])
-        cov, aff, inertia = np.cov(p, rowvar=False), None, None
+        cov, aff, inertia, stability = np.cov(p, rowvar=False), None, None, None
     else:
         if cfg.clusters > c:
             raise ConfigError(f"--clusters {cfg.clusters} must be <= {c}, the number of classes")
-        est = ConfusionClusterer(cfg.clusters, cfg.affinity, cfg.cluster_algorithm, random_state=cfg.train.seed).fit(p)
+        est = ConfusionClusterer(cfg.clusters, cfg.affinity, cfg.cluster_algorithm, random_state=cfg.train.seed,
+                                 n_init=cfg.cluster_restarts).fit(p)
         groups, all_groups, inertia = est.groups_, est.all_groups_, est.inertia_
+        stability = {**seed_stability(est, p), "n_init": est.n_init}  # the same clustering under other seeds
         cov, aff = est.covariance_, est.affinity_
         if not groups:
             raise ConfigError(f"--clusters {cfg.clusters} found no group of 2 or more classes to give a specialist "
@@ -115,7 +120,9 @@ def find_groups(cfg: SpecialistsConfig, gen_model, data: Dataset, gen_hash: str)
         "source": "groups" if cfg.groups is not None else "k-means",
         "affinity": cfg.affinity if cfg.groups is None else None,
         "cluster_algorithm": cfg.cluster_algorithm if cfg.groups is None else None,
-        "n_clusters": cfg.clusters, "inertia": inertia, "split": "validation", "examples": len(p),
+        "cluster_restarts": cfg.cluster_restarts if cfg.groups is None else None,
+        "n_clusters": cfg.clusters, "inertia": inertia, "stability": stability, "split": "validation",
+        "examples": len(p),
         "classes": names, "covariance": cov, "affinity_matrix": aff, "settings": settings,
     }
 
@@ -132,7 +139,7 @@ def _plan(sdir: Path, group: list[int], cfg: SpecialistsConfig, fingerprint: str
         man.get("stage") == "specialist" and man.get("data_fingerprint") == fingerprint
         and man.get("specialist", {}).get("group") == list(group)
         and man.get("generalist", {}).get("manifest_sha256") == gen_hash
-        and same_settings(man.get("config", {}), to_dict(cfg), ignore=("top_n", "generalist")))
+        and same_settings(man.get("config", {}), to_dict(cfg), ignore=("top_n", "generalist", "drop_unhelpful")))
     return sub_run_plan(sdir, "specialist", matches, resume, force)
 
 
@@ -168,9 +175,6 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
         raise DataError(f"--generalist {gen_dir} was trained with --val-fraction 0; specialists need its "
                         "validation split (for clustering and early stopping): retrain it with --val-fraction > 0")
     gen_model, gen_spec = load_model(gen_dir)
-    if not isinstance(getattr(gen_model, "head", None), torch.nn.Linear):
-        raise ModelError(f"--generalist {gen_dir}: model {gen_spec['name']!r} has no `head: nn.Linear` to copy "
-                         "output rows from")
     if cfg.top_n > data.num_classes:
         raise ConfigError(f"--top-n {cfg.top_n} must be <= {data.num_classes}, the number of classes")
     if cfg.train.batch_size < 2:
@@ -235,8 +239,12 @@ def _train_one(cfg, m, groups, run_dir, gen_dir, gen_model, gen_spec, gen_hash, 
 
 # ---------------------------------------------------------------- step 3: the combination
 
-def combined_report(combiner: Combiner, x, y, class_names: list[str], batch_size: int = 2048) -> dict:
+def combined_report(combiner: Combiner, x, y, class_names: list[str], batch_size: int = 2048,
+                    table_groups: list[list[int]] | None = None) -> dict:
     """Generalist vs generalist + specialists on (x, y): the paper's Tables 3-4 and more.
+
+    ``table_groups``: the groups of the per-group table (default the combiner's; the stage
+    passes every group found, so a group whose specialist was dropped still gets its row).
 
     Returns:
         ``generalist`` and ``combined`` (test_accuracy, test_errors, test_nll, test_ece);
@@ -250,6 +258,9 @@ def combined_report(combiner: Combiner, x, y, class_names: list[str], batch_size
     log_pg, log_q, active = combiner.scores(x, batch_size)  # (N, C), (N, C), (N, M)
     y = np.asarray(y)
     b = breakdown(log_pg, log_q, y, groups, active)
+    if table_groups is not None:  # per_group depends only on the true classes, not on who was active
+        b["per_group"] = breakdown(log_pg, log_q, y, table_groups, np.zeros((len(y), len(table_groups)), bool))[
+            "per_group"]
     covered = np.isin(y, [k for g in groups for k in g])
 
     def scores(s):
@@ -280,29 +291,48 @@ def combined_report(combiner: Combiner, x, y, class_names: list[str], batch_size
 
 
 def _finish(cfg, run_dir, groups, gen_dir, gen_model, gen_hash, data, data_config, world, t0) -> None:
-    """Combine the finished specialists on the test split; metrics.json, then the manifest."""
+    """Check the finished specialists on the validation split, combine the kept ones on the test split;
+    metrics.json (and the check in clusters.json), then the manifest."""
     dirs = [spec_dir(run_dir, m) for m in range(len(groups))]
     for d, g in zip(dirs, groups):  # one finished by another rank must match this call's settings too
         _plan(d, g, cfg, data.fingerprint, gen_hash, False, False)
-    combiner = Combiner(gen_model, [load_model(d)[0] for d in dirs], groups, cfg.top_n, check_kkt=True)
-    report = combined_report(combiner, data.x_test, data.y_test, data.class_names, cfg.train.eval_batch_size)
+    models = [load_model(d)[0] for d in dirs]
+    bs = cfg.train.eval_batch_size
+    checks = check_specialists(gen_model, models, groups, data.x_val, data.y_val, cfg.top_n, bs)
+    keep = [c["keep"] or not cfg.drop_unhelpful for c in checks]
+    kept = [m for m in range(len(groups)) if keep[m]]
+    combiner = Combiner(gen_model, [models[m] for m in kept], [groups[m] for m in kept], cfg.top_n, check_kkt=True)
+    report = combined_report(combiner, data.x_test, data.y_test, data.class_names, bs, table_groups=groups)
     own = [read_json(d / "metrics.json") for d in dirs]
     report["specialists"] = [
-        {"run": d.name, "group": g, "seed": specialist_train_config(cfg.train, m).seed,
+        {"run": d.name, "group": g, "seed": specialist_train_config(cfg.train, m).seed, "used": keep[m],
          **{k: s.get(k) for k in ("test_accuracy", "test_generalist_accuracy", "test_in_group_accuracy",
-                                  "test_generalist_in_group_accuracy", "val_nll", "val_nll_uncorrected",
-                                  "oversampling_factor", "dustbin_init_rmse", "best_epoch", "epochs_run",
-                                  "params", "train_seconds")}}
+                                  "test_generalist_in_group_accuracy", "val_nll", "val_generalist_nll",
+                                  "val_nll_uncorrected", "oversampling_factor", "init_max_abs_logprob_diff",
+                                  "best_epoch", "epochs_run", "params", "train_seconds")},
+         "validation_check": checks[m]}
         for m, (d, g, s) in enumerate(zip(dirs, groups, own))]
+    report["dropped"] = [{"run": dirs[m].name, "group": groups[m],
+                          "class_names": [data.class_names[k] for k in groups[m]], "reason": checks[m]["reason"]}
+                         for m in range(len(groups)) if not keep[m]]
+    report["validation_check"] = {"enabled": cfg.drop_unhelpful, "rule": RULE, "split": "validation",
+                                  "examples": len(data.y_val)}
     report["train_seconds"] = round(sum(s.get("train_seconds", 0.0) for s in own), 3)
+    clusters = read_json(run_dir / CLUSTERS)
+    clusters["validation_check"] = {**report["validation_check"], "used": [groups[m] for m in kept],
+                                    "dropped": report["dropped"],
+                                    "checks": [{"run": d.name, "group": g, **c} for d, g, c in zip(dirs, groups, checks)]}
+    atomic_write_json(run_dir / CLUSTERS, clusters)
     atomic_write_json(run_dir / "metrics.json", report)
     inputs = {str(gen_dir / MANIFEST): gen_hash, **{str(d / MANIFEST): sha256_file(d / MANIFEST) for d in dirs}}
+    dirs, groups = [dirs[m] for m in kept], [groups[m] for m in kept]  # the manifest lists what the teacher uses
     names = [[data.class_names[k] for k in g] for g in groups]
     write_manifest(run_dir, stage="specialists", config=to_dict(cfg), inputs=inputs,
                    data_fingerprint=data.fingerprint, seed=cfg.train.seed, wall_seconds=round(time.time() - t0, 3),
                    metrics={k: report[k] for k in ("generalist", "combined", "covered", "test_accuracy")},
                    extra={"data": data.describe(), "data_config": data_config, "groups": groups,
-                          "group_class_names": names, "specialists": [d.name for d in dirs], "world_size": world,
+                          "group_class_names": names, "specialists": [d.name for d in dirs],
+                          "dropped": [e["run"] for e in report["dropped"]], "world_size": world,
                           "generalist": _generalist_info(gen_dir, run_dir, gen_hash, cfg.generalist)})
 
 
@@ -315,7 +345,9 @@ def evaluate_specialists(run_dir: Path, manifest: dict) -> dict:
     teacher = load_teacher(run_dir)
     data, _, _ = load_data(manifest)
     teacher.combiner.check_kkt = True
-    report = combined_report(teacher.combiner, data.x_test, data.y_test, data.class_names)
+    run_dir = Path(run_dir)
+    every = read_json(run_dir / CLUSTERS).get("groups") if (run_dir / CLUSTERS).exists() else None
+    report = combined_report(teacher.combiner, data.x_test, data.y_test, data.class_names, table_groups=every)
     return {"stage": "specialists", "run": str(run_dir), **report}
 
 

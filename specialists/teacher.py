@@ -6,7 +6,9 @@ each active specialist's distribution over its group plus dustbin (its saved wei
 already carry the dustbin prior correction); and the combined q solving
 ``min_q KL(p_g || q) + sum_{m active} KL(p_m || q_m)`` (Hinton, Vinyals & Dean 2015,
 section 5.4; ``specialists.combine.combine``, float64, tol 1e-6). ``teacher(x)`` answers
-log q, the teacher interface's log-probabilities.
+log q, the teacher interface's log-probabilities. The run's manifest lists the specialists
+the combination uses: those that passed the stage's validation check (``specialists.check``);
+a dropped one's group is the generalist's, and with every one dropped q is p_g.
 
 Soft targets: the combined q is one distribution, not a mixture, so like a single model
 its soft targets at T are ``softmax(log q / T)`` and ``soft_scores(x, T) = log q`` for
@@ -62,6 +64,8 @@ class Combiner:
         log_pg = torch.log_softmax(self.generalist(x).double(), 1)  # (B, C)
         p_g = log_pg.exp()
         active = active_specialists(p_g, self.groups, self.top_n)  # (B, M)
+        if not self.groups:  # every specialist was dropped (specialists.check): the generalist alone
+            return log_pg, log_pg.clone(), active
         probs = []
         for m, (g, model) in enumerate(zip(self.groups, self.specialists)):
             # only the rows where specialist m takes part are run; combine() ignores the others
@@ -120,7 +124,7 @@ class SpecialistsTeacher:
         gen_model, self._gen_spec = load_model(gen_dir, self.device)
         names = manifest.get("specialists") or []
         groups = manifest.get("groups") or []
-        if not names or len(names) != len(groups):
+        if len(names) != len(groups) or not (names or manifest.get("dropped")):
             raise ArtifactError(f"{run_dir}/manifest.json lists {len(names)} specialists for {len(groups)} groups; "
                                 "rerun kdens train-specialists")
         models, hashes, self._specs = [], [], []

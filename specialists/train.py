@@ -1,12 +1,12 @@
 """One specialist (Hinton, Vinyals & Dean 2015, section 5.2): init, half-group batches, dustbin correction.
 
 A specialist for the class group S predicts the |S| classes of S plus one dustbin class
-for everything else. It is the generalist's architecture with |S| + 1 outputs, starting
-from the generalist's weights: the trunk and the head rows of S are copied, the dustbin
-row is fitted (:func:`fit_dustbin_row`). Half of every training batch comes from S and
-half from the other classes (:func:`half_group_sampler`); that over-represents S, so
-after training the dustbin logit is raised by the log odds ratio
-(``specialists.combine.oversampling_factor``) and the saved weights already carry it.
+for everything else. It starts exactly as the generalist restricted to S: a trainable
+copy of the generalist whose output is ``[z_S, lse(z_rest) + c]`` (:mod:`specialists.model`,
+:func:`init_specialist`). Half of every training batch comes from S and half from the
+other classes (:func:`half_group_sampler`); that over-represents S, so after training the
+dustbin logit is raised by the log odds ratio (``specialists.combine.oversampling_factor``)
+and the saved weights (its ``dustbin_bias``) already carry it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from torch import nn
 
 from kdens import metrics as M
 from kdens.artifacts import atomic_write_json
-from kdens.errors import DataError, ModelError
-from kdens.models import build_model, count_params, model_spec, save_model
+from kdens.errors import DataError
+from kdens.models import count_params, save_model
 from kdens.train import Sampler, TrainConfig, fit, predict_logits
 from specialists.combine import oversampling_factor
+from specialists.model import specialist_from_generalist
 
 REST_FRACTION_IN_BATCHES = 0.5  # half of every batch comes from outside the group
-DUSTBIN_FIT_EXAMPLES = 4096  # training examples used to fit the dustbin row at initialisation
+INIT_CHECK_EXAMPLES = 1024  # training examples on which the start is checked against the folded generalist
 
 
 def remap_labels(y, group: list[int]) -> np.ndarray:
@@ -85,79 +86,29 @@ def half_group_sampler(y, group: list[int], batch_size: int) -> Sampler:
     return sample
 
 
-@torch.inference_mode()
-def head_features(model: nn.Module, x, batch_size: int = 2048) -> torch.Tensor:
-    """What ``model.head`` receives for inputs ``x`` (eval mode), (N, H) float32 on the CPU."""
-    feats: list[torch.Tensor] = []
-    hook = model.head.register_forward_pre_hook(lambda mod, args: feats.append(args[0].float().cpu()))
-    try:
-        predict_logits(model, x, batch_size)
-    finally:
-        hook.remove()
-    return torch.cat(feats) if feats else torch.empty(0, model.head.in_features)
+def init_specialist(generalist: nn.Module, gen_spec: dict, group: list[int], x_check=None,
+                    batch_size: int = 2048) -> tuple[nn.Module, dict, dict]:
+    """A specialist that starts exactly as the generalist folded onto ``group`` + dustbin.
 
-
-def fit_dustbin_row(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    group: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Dustbin row (w, b) of the head whose logit best matches the generalist's folded log-mass.
-
-    The generalist's probability that an example lies outside S is softmax-consistent with
-    a dustbin logit ``lse_{j not in S} z_j(h)``; with it the specialist would start as the
-    generalist folded onto S + dustbin. A linear row cannot equal that log-sum-exp (it is
-    convex in h), so it is fitted by ridge least squares on the features h of training
-    examples: ``min ||[h, 1] (w, b) - lse||^2 + lam ||w||^2``, lam = 1e-3 mean(diag h'h / n).
-    The common alternative (mean of the other rows, logsumexp of their biases) is exact
-    only where the other classes' logits are equal, and is far too low on confident
-    examples of one of them, which then start in S (its error is reported for comparison).
+    The network is :class:`specialists.model.FoldedSpecialist`: a copy of the generalist
+    (every weight, the C-way head included) whose output is ``[z_S, lse(z_rest) + c]``,
+    c = 0 at the start, so its |S| + 1-way softmax is the folded generalist's.
 
     Args:
-        features: head inputs h of some training examples, (N, H).
-        weight: the generalist's head weight (C, H); bias (C,).
+        generalist, gen_spec: the generalist model and its model.json spec.
         group: the specialist's classes S.
+        x_check: inputs on which the start is checked against the folded generalist.
 
     Returns:
-        (w (H,), b (), {"dustbin_init_rmse", "dustbin_init_rmse_mean_rows"}) in weight's dtype.
+        (model in train mode on the CPU, its model.json spec, ``{"init_max_abs_logprob_diff"}``:
+        the largest |log p_specialist - log p_folded| over ``x_check``, float64 arithmetic).
     """
-    outside = [k for k in range(weight.shape[0]) if k not in set(group)]
-    h = features.double()  # (N, H)
-    w_out, b_out = weight[outside].double(), bias[outside].double()  # (R, H), (R,)
-    target = torch.logsumexp(h @ w_out.T + b_out, 1)  # (N,)
-    x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)  # (N, H + 1)
-    gram = x.T @ x / len(x)  # (H + 1, H + 1)
-    lam = 1e-3 * float(gram.diagonal()[:-1].mean().clamp_min(1e-12))
-    ridge = torch.full((x.shape[1],), lam, dtype=h.dtype)
-    ridge[-1] = 0.0  # the bias is not shrunk
-    sol = torch.linalg.solve(gram + torch.diag(ridge), x.T @ target / len(x))  # (H + 1,)
-    rmse = float(((x @ sol - target) ** 2).mean().sqrt())
-    mean_rows = h @ w_out.mean(0) + torch.logsumexp(b_out, 0)  # (N,)
-    rmse_mean = float(((mean_rows - target) ** 2).mean().sqrt())
-    info = {"dustbin_init_rmse": rmse, "dustbin_init_rmse_mean_rows": rmse_mean}
-    return sol[:-1].to(weight.dtype), sol[-1].to(bias.dtype), info
-
-
-def init_specialist(generalist: nn.Module, gen_spec: dict, group: list[int],
-                    features: torch.Tensor) -> tuple[nn.Module, dict, dict]:
-    """The generalist's architecture with |S| + 1 outputs, starting from its weights.
-
-    Every parameter and buffer except the head's is copied; the head's rows 0..|S|-1 are
-    the generalist's rows of ``group`` (in that order) and the last row is the dustbin
-    (:func:`fit_dustbin_row` on ``features``, the head inputs of training examples).
-
-    Returns:
-        (model in train mode on the CPU, its model.json spec, dustbin-fit info).
-    """
-    if not isinstance(getattr(generalist, "head", None), nn.Linear):
-        raise ModelError(f"generalist model {gen_spec['name']!r} has no `head: nn.Linear`; specialists copy its "
-                         "output rows from it")
-    spec = model_spec(gen_spec["name"], len(group) + 1, gen_spec["input_shape"], gen_spec["kwargs"])
-    model = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
-    src = {k: v.detach().cpu() for k, v in generalist.state_dict().items()}
-    w, b = src["head.weight"], src["head.bias"]  # (C, H), (C,)
-    w_d, b_d, info = fit_dustbin_row(features, w, b, group)
-    state = {k: v for k, v in src.items() if not k.startswith("head.")}
-    state["head.weight"] = torch.cat([w[list(group)], w_d[None]])  # (|S| + 1, H)
-    state["head.bias"] = torch.cat([b[list(group)], b_d[None]])  # (|S| + 1,)
-    model.load_state_dict(state)
+    model, spec = specialist_from_generalist(generalist, gen_spec, group)
+    info = {"init_max_abs_logprob_diff": None}
+    if x_check is not None and len(x_check):
+        spec_lp = torch.log_softmax(predict_logits(model, x_check, batch_size).double(), 1)
+        gen_lp = fold_log_probs(torch.log_softmax(predict_logits(generalist, x_check, batch_size).double(), 1), group)
+        info["init_max_abs_logprob_diff"] = float((spec_lp - gen_lp).abs().max())
     return model.train(), spec, info
 
 
@@ -169,10 +120,10 @@ class DustbinCorrected(nn.Module):
     ones, so the kept epoch is the one with the lowest loss on the natural class mix.
     """
 
-    def __init__(self, model: nn.Module, log_factor: float):
+    def __init__(self, model: nn.Module, log_factor: float, num_outputs: int):
         super().__init__()
         self.model = model
-        offset = torch.zeros(model.head.out_features)
+        offset = torch.zeros(num_outputs)
         offset[-1] = log_factor
         self.register_buffer("offset", offset)
 
@@ -199,13 +150,12 @@ def train_specialist(run_dir: Path, group: list[int], generalist: nn.Module, gen
         The metrics written to metrics.json.
     """
     t0 = time.time()
-    n_fit = min(len(y), DUSTBIN_FIT_EXAMPLES)
-    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(train.seed))[:n_fit].numpy()
-    feats = head_features(generalist, x[np.sort(pick)], train.eval_batch_size)
-    model, spec, init_info = init_specialist(generalist, gen_spec, group, feats)
+    n_check = min(len(y), INIT_CHECK_EXAMPLES)
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(train.seed))[:n_check].numpy()
+    model, spec, init_info = init_specialist(generalist, gen_spec, group, x[np.sort(pick)], train.eval_batch_size)
     frac_rest = float(1.0 - np.isin(y, group).mean())  # the rest's share of the true class mix
     factor = oversampling_factor(frac_rest, REST_FRACTION_IN_BATCHES)
-    wrapped = DustbinCorrected(model, math.log(factor))
+    wrapped = DustbinCorrected(model, math.log(factor), len(group) + 1)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = fit(wrapped, x, remap_labels(y, group), x_val, remap_labels(y_val, group), train,
                  sampler=half_group_sampler(y, group, train.batch_size), ckpt_dir=run_dir, resume=resume,
@@ -214,7 +164,7 @@ def train_specialist(run_dir: Path, group: list[int], generalist: nn.Module, gen
     bs = train.eval_batch_size
     val_raw = predict_logits(model, x_val, bs) if len(y_val) else None  # before the correction
     with torch.no_grad():
-        model.head.bias[-1] += math.log(factor)  # the saved model is calibrated to the true mix
+        model.dustbin_bias += math.log(factor)  # the saved model is calibrated to the true mix
     metrics = {"group": list(group), **task_metrics(model, generalist, group, x_test, y_test, "test_", bs)}
     if len(y_val):
         metrics.update(task_metrics(model, generalist, group, x_val, y_val, "val_", bs))

@@ -193,12 +193,31 @@ def test_specialists_table_lists_every_group(experiment):
     m = _json(root / "specialists" / "metrics.json")
     rows = {r[0]: r for r in _table_rows(sec) if len(r) == 9}
     assert set(rows) == {"3, 5, 8", "1, 7", "0", "2", "4", "6", "9"}
-    runs = {tuple(e["group"]): e["run"] for e in m["specialists"]}
+    runs = {tuple(e["group"]): e["run"] + ("" if e["used"] else " (dropped)") for e in m["specialists"]}
     assert rows["3, 5, 8"][1] == runs[(3, 5, 8)] and rows["1, 7"][1] == runs[(1, 7)] != runs[(3, 5, 8)]
+    for d in m["dropped"]:  # a specialist the validation check dropped is named, with the numbers why
+        assert f"{d['run']} ({', '.join(d['class_names'])}) was dropped" in sec and d["reason"] in sec
     assert rows["0"][1] == "none (one class)"
     g = next(e for e in m["per_group"] if e["group"] == [3, 5, 8])
     assert rows["3, 5, 8"][2] == str(g["count"]) and rows["3, 5, 8"][5] == str(g["delta_correct"])
     assert f"({m['combined']['test_errors']} errors)" in sec
+
+
+def test_specialists_section_names_a_dropped_specialist(experiment, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(experiment["root"], root)
+    path = root / "specialists" / "metrics.json"
+    m = _json(path)
+    m["specialists"][1]["used"] = False  # as the validation check writes it (specialists.check)
+    m["dropped"] = [{"run": "spec-01", "group": [3, 5, 8], "class_names": ["3", "5", "8"],
+                     "reason": "validation NLL where it takes part rises from 0.1000 (generalist) to 0.2000 "
+                               "(with it), n=39"}]
+    path.write_text(json.dumps(m))
+    sec = _section(write_report(root).read_text(), "Specialists")
+    rows = {r[0]: r for r in _table_rows(sec) if len(r) == 9}
+    assert rows["3, 5, 8"][1] == "spec-01 (dropped)" and rows["1, 7"][1] == "spec-00"
+    assert ("specialists: spec-01 (3, 5, 8) was dropped after the validation check, and the generalist serves its "
+            "group: validation NLL where it takes part rises from 0.1000 (generalist) to 0.2000 (with it), n=39.") in sec
 
 
 def test_deploy_section_from_bench(experiment):

@@ -110,6 +110,48 @@ def test_estimator_contract():
             ConfusionClusterer(**bad).fit(P)
 
 
+def _ari(a, b) -> float:
+    """Adjusted Rand index from its definition (Hubert & Arabie 1985), independent of scikit-learn."""
+    from math import comb
+
+    pairs = lambda counts: sum(comb(int(n), 2) for n in counts)  # noqa: E731
+    table = np.array([[np.sum((a == i) & (b == j)) for j in np.unique(b)] for i in np.unique(a)])
+    index, rows, cols, total = pairs(table.ravel()), pairs(table.sum(1)), pairs(table.sum(0)), comb(len(a), 2)
+    expected = rows * cols / total
+    return (index - expected) / ((rows + cols) / 2 - expected)
+
+
+def test_seed_stability():
+    from specialists.cluster import seed_stability
+
+    blocks = [[0, 4, 7], [1, 2, 8], [3, 5, 6]]
+    planted = _planted_predictions(blocks, 9)
+    st = seed_stability(ConfusionClusterer(n_clusters=3), planted)
+    assert st == {"seeds": list(range(10)), "mean_pairwise_ari": 1.0, "min_pairwise_ari": 1.0,
+                  "distinct_partitions": 1, "share_like_first": 1.0}
+    # structureless predictions: seeds disagree; the number is the mean ARI over every pair of seeds
+    noise = np.random.default_rng(3).dirichlet(np.ones(12), 60)
+    est = ConfusionClusterer(n_clusters=4, algorithm="minibatch", n_init=1, random_state=5)
+    st = seed_stability(est, noise, n_seeds=6)
+    labels = [clone(est).set_params(random_state=s).fit(noise).labels_ for s in range(5, 11)]
+    pairs = [_ari(labels[i], labels[j]) for i in range(6) for j in range(i + 1, 6)]
+    assert st["seeds"] == list(range(5, 11)) and st["mean_pairwise_ari"] == pytest.approx(np.mean(pairs))
+    assert st["min_pairwise_ari"] == pytest.approx(min(pairs)) and st["mean_pairwise_ari"] < 0.9
+    assert st["distinct_partitions"] > 1 and est.random_state == 5 and not hasattr(est, "labels_")
+    with pytest.raises(ConfigError, match="n_seeds"):
+        seed_stability(est, noise, n_seeds=1)
+
+
+def test_default_is_lloyd_with_restarts():
+    est = ConfusionClusterer()
+    assert (est.algorithm, est.n_init) == ("kmeans", 100)
+    # on planted blocks with confusions, every seed finds them (the previous default, online k-means, not always)
+    blocks = [list(range(i, 40, 8)) for i in range(8)]  # 8 blocks of 5 among 40 classes
+    P = _planted_predictions(blocks, 40, n=4000, seed=1)
+    found = [ConfusionClusterer(n_clusters=8, random_state=s).fit(P).groups_ for s in range(5)]
+    assert all(f == sorted(blocks) for f in found)
+
+
 def test_parse_groups():
     assert parse_groups("5,7,9; 6,4,2,0", 10) == [[0, 2, 4, 6], [5, 7, 9]]
     for spec, match in (

@@ -22,13 +22,12 @@ from kdens.errors import ConfigError, DataError
 from kdens.models import load_model
 from kdens.train import CHECKPOINT, predict_logits
 from specialists.config import SpecialistsConfig
-from specialists.train import (DustbinCorrected, fold_log_probs, half_group_sampler, head_features, init_specialist,
-                               remap_labels)
+from specialists.train import DustbinCorrected, fold_log_probs, half_group_sampler, init_specialist, remap_labels
 
 SPEC_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
 RUN_FILES = ["clusters.json", "clusters.png", "manifest.json", "metrics.json", "spec-00", "spec-01"]
 GROUPS = [[3, 5, 8], [1, 7]]
-TRAIN = ["--epochs", "2", "--batch-size", "64", "--quiet"]
+TRAIN = ["--epochs", "2", "--batch-size", "64", "--quiet", "--keep-unhelpful"]  # drop: test_specialists_check.py
 TIMING = ("train_seconds", "seconds", "wall_seconds")
 
 
@@ -128,30 +127,54 @@ def test_sampler_is_half_group_and_deterministic(digits):
 
 
 def test_initial_specialist_is_the_generalist(gen, digits):
+    """Item 5 of issue 17: at step 0 the specialist's |S| + 1 distribution is the folded generalist's."""
     g_model, g_spec = load_model(gen)
     group = [3, 5, 8]
-    feats = head_features(g_model, digits.x_train[:500])
-    model, spec, info = init_specialist(g_model, g_spec, group, feats)
-    assert spec["num_classes"] == 4 and spec["kwargs"] == g_spec["kwargs"] and spec["name"] == "mlp"
+    model, spec, info = init_specialist(g_model, g_spec, group, digits.x_train[:300])
+    assert spec["name"] == "specialists.model:folded" and spec["num_classes"] == 4
+    assert spec["kwargs"] == {"base": "mlp", "base_classes": 10, "group": group, "base_args": g_spec["kwargs"]}
     a, b = g_model.state_dict(), model.state_dict()
-    assert sorted(a) == sorted(b)
-    for k in a:
-        if not k.startswith("head."):
-            assert torch.equal(a[k], b[k]), k
-    assert torch.equal(b["head.weight"][:3], a["head.weight"][group])
-    assert torch.equal(b["head.bias"][:3], a["head.bias"][group])
-    # the dustbin logit tracks the generalist's log-mass outside the group, better than mean rows
+    assert sorted(b) == sorted(["dustbin_bias"] + [f"base.{k}" for k in a])  # the whole generalist, trainable
+    assert all(torch.equal(a[k], b[f"base.{k}"]) for k in a) and float(b["dustbin_bias"]) == 0.0
+    assert all(p.requires_grad for p in model.parameters())
+    # independent check on unseen examples: fold the generalist's probabilities by hand
+    held = digits.x_test
+    p_gen = torch.softmax(predict_logits(g_model, held).double(), 1)
     rest = [k for k in range(10) if k not in group]
-    zs = predict_logits(model, digits.x_train[:500]).double()
-    target = torch.logsumexp(predict_logits(g_model, digits.x_train[:500]).double()[:, rest], 1)
-    rmse = float(((zs[:, -1] - target) ** 2).mean().sqrt())
-    assert rmse == pytest.approx(info["dustbin_init_rmse"], rel=1e-3)
-    assert info["dustbin_init_rmse"] < info["dustbin_init_rmse_mean_rows"]
-    # hence the initial specialist is close to the folded generalist on unseen examples
-    held = digits.x_test[:200]
-    folded = fold_log_probs(torch.log_softmax(predict_logits(g_model, held).double(), 1), group).exp()
-    p_init = torch.softmax(predict_logits(model, held).double(), 1)
-    assert float((folded - p_init).abs().sum(1).mean()) < 0.25
+    folded = torch.cat([p_gen[:, group], p_gen[:, rest].sum(1, keepdim=True)], 1)  # (N, 4)
+    p_spec = torch.softmax(predict_logits(model, held).double(), 1)
+    assert float((p_spec - folded).abs().max()) < 1e-6
+    lp_spec = torch.log_softmax(predict_logits(model, held).double(), 1)
+    assert float((lp_spec - folded.log()).abs().max()) < 1e-5  # log-probabilities too, in float32 arithmetic
+    assert 0 <= info["init_max_abs_logprob_diff"] < 1e-5
+    # a trained copy moves away from it: the check can fail
+    with torch.no_grad():
+        model.dustbin_bias += 0.1
+    assert float((torch.softmax(predict_logits(model, held).double(), 1) - folded).abs().max()) > 1e-3
+
+
+def test_specialist_saves_and_loads_without_pickles(gen, digits, tmp_path):
+    from safetensors.torch import load_file
+
+    from kdens.errors import ModelError
+    from kdens.models import build_model, save_model
+    from specialists.model import folded
+
+    g_model, g_spec = load_model(gen)
+    model, spec, _ = init_specialist(g_model, g_spec, [1, 7])
+    with torch.no_grad():
+        model.dustbin_bias += 0.25
+        model.base.head.weight[2] *= 1.5
+    save_model(tmp_path, model, spec)
+    assert _json(tmp_path / "model.json")["name"] == "specialists.model:folded"
+    assert sorted(load_file(tmp_path / "model.safetensors")) == sorted(model.state_dict())
+    again, again_spec = load_model(tmp_path)
+    x = torch.as_tensor(digits.x_test[:50])
+    assert torch.equal(again(x), model.eval()(x)) and again_spec["kwargs"]["group"] == [1, 7]
+    with pytest.raises(ModelError, match="not 5"):
+        folded(5, (1, 8, 8), "mlp", 10, [1, 7], {"hidden": [32]})
+    with pytest.raises(ModelError, match="fewer than all"):
+        build_model("specialists.model:folded", 11, (1, 8, 8), base="mlp", base_classes=10, group=list(range(10)))
 
 
 def test_dustbin_offset_only_in_eval():
@@ -164,7 +187,7 @@ def test_dustbin_offset_only_in_eval():
             return self.head(x)
 
     inner = Tiny()
-    m = DustbinCorrected(inner, 1.5)
+    m = DustbinCorrected(inner, 1.5, 4)
     x = torch.randn(5, 3)
     raw = inner(x)
     torch.testing.assert_close(m.train()(x), raw)  # training sees the paper's raw logits
@@ -184,6 +207,7 @@ def test_files_clusters_and_manifests(run, gen, digits):
     assert cl["groups"] == [[1, 7], [3, 5, 8]] and cl["class_names"] == [["1", "7"], ["3", "5", "8"]]
     assert cl["all_groups"] == [[0], [1, 7], [2], [3, 5, 8], [4], [6], [9]]
     assert cl["split"] == "validation" and cl["examples"] == len(digits.y_val)
+    assert cl["stability"] is None  # groups given by hand: no k-means to repeat
     g_model, _ = load_model(gen)
     p = torch.softmax(predict_logits(g_model, digits.x_val).double(), 1).numpy()
     np.testing.assert_allclose(cl["covariance"], np.cov(p, rowvar=False), atol=1e-12)  # validation, not test
@@ -206,6 +230,10 @@ def test_clusters_from_kmeans(gen, tmp_path, digits):
     assert r.exit_code == 0, r.output
     cl, m = _json(out / "clusters.json"), _json(out / "metrics.json")
     assert cl["source"] == "k-means" and cl["affinity"] == "correlation" and cl["n_clusters"] == 2
+    assert cl["cluster_algorithm"] == "kmeans" and cl["cluster_restarts"] == 100  # the defaults (issue 17)
+    st = cl["stability"]  # the same clustering under k-means seeds 0..9 (the run's seed first)
+    assert st["seeds"] == list(range(10)) and st["n_init"] == 100 and st["share_like_first"] > 0
+    assert -1 <= st["min_pairwise_ari"] <= st["mean_pairwise_ari"] <= 1 and 1 <= st["distinct_partitions"] <= 10
     assert isinstance(cl["inertia"], float) and len(cl["all_groups"]) == 2
     assert sorted(k for g in cl["all_groups"] for k in g) == list(range(10))
     assert cl["groups"] == [g for g in cl["all_groups"] if len(g) >= 2]  # singletons get no specialist
@@ -221,7 +249,7 @@ def test_dustbin_correction_is_in_the_saved_weights(gen, tmp_path, monkeypatch, 
 
     def spying_fit(model, *args, desc="train", **kw):
         result = real_fit(model, *args, desc=desc, **kw)
-        raw[desc] = (model.model.head.bias.detach().clone(), model.model.head.weight.detach().clone())
+        raw[desc] = (model.model.dustbin_bias.detach().clone(), model.model.base.head.weight.detach().clone())
         return result
 
     monkeypatch.setattr(spec_train, "fit", spying_fit)
@@ -236,9 +264,8 @@ def test_dustbin_correction_is_in_the_saved_weights(gen, tmp_path, monkeypatch, 
         assert met["frac_rest_true"] == pytest.approx(f) and met["oversampling_factor"] == pytest.approx(factor)
         state = load_model(sdir)[0].state_dict()
         b0, w0 = raw[sdir.name]
-        assert torch.equal(state["head.weight"], w0)
-        assert torch.equal(state["head.bias"][:-1], b0[:-1])
-        assert float(state["head.bias"][-1] - b0[-1]) == pytest.approx(math.log(factor), abs=1e-5)
+        assert torch.equal(state["base.head.weight"], w0)
+        assert float(state["dustbin_bias"] - b0) == pytest.approx(math.log(factor), abs=1e-5)
         # early stopping and val_nll are on corrected logits with the natural class mix
         yv = remap_labels(digits.y_val, g)
         assert met["val_nll"] == pytest.approx(M.nll(predict_logits(load_model(sdir)[0], digits.x_val).numpy(), yv),

@@ -15,10 +15,15 @@ from kdens.app.cli_common import CONTEXT, RUN_KEYS, layers, run_options, train_o
               help='Class groups by hand instead of --clusters: "0,2,4,6;5,7,9".')
 @click.option("--affinity", type=click.Choice(["covariance", "normalized", "correlation"]),
               help="Matrix whose columns k-means clusters [normalized].")
-@click.option("--cluster-algorithm", type=click.Choice(["minibatch", "kmeans"]),
-              help="Online (as in the paper) or Lloyd k-means [minibatch].")
+@click.option("--cluster-algorithm", type=click.Choice(["kmeans", "minibatch"]),
+              help="Lloyd or online (as in the paper) k-means [kmeans].")
+@click.option("--cluster-restarts", type=click.IntRange(min=1), metavar="N",
+              help="k-means restarts; the lowest-inertia grouping is kept [100].")
 @click.option("--top-n", type=click.IntRange(min=1),
               help="Specialists of the generalist's top-n classes take part [1].")
+@click.option("--drop-unhelpful/--keep-unhelpful", default=None,
+              help="Drop a specialist that does not lower the validation NLL (or loses correct answers) where it "
+                   "takes part; its group is left to the generalist [drop].")
 @click.option("--rank", type=click.IntRange(min=0), help="Train only specialists m with m mod W = R [RANK or 0].")
 @click.option("--world-size", type=click.IntRange(min=1),
               help="Number of ranks W sharing the specialists [WORLD_SIZE or 1].")
@@ -30,8 +35,11 @@ def train_specialists(**flags):
     The generalist's predictions on its validation split are clustered into groups of
     classes it confuses (clusters.json, clusters.png). Each group gets a specialist
     (spec-00 ...): the generalist's architecture with the group's classes plus a dustbin,
-    started from its weights, trained on batches half from the group, dustbin corrected.
-    The generalist and its active specialists are combined on the test split
+    started as the generalist restricted to the group (its copy, dustbin logit = log-sum-exp
+    of the other classes' logits), trained on batches half from the group, dustbin corrected.
+    Each specialist is then checked on the validation split as the combination uses it;
+    one that does not help is dropped (--keep-unhelpful keeps it) and its group left to the
+    generalist. The generalist and its active specialists are combined on the test split
     (metrics.json). Data and architecture are the generalist's; a specialist's epoch is
     one pass over its group's examples. A rerun skips finished specialists; --resume
     continues an interrupted one; ranks share them (m mod W).
@@ -62,6 +70,12 @@ def train_specialists(**flags):
     m = read_json(run_dir / "metrics.json")
     for g, names in zip(m["groups"], m["group_class_names"]):
         click.echo(f"group {g}: {', '.join(names)}")
+    st = read_json(run_dir / "clusters.json").get("stability") or {}
+    if st:
+        click.echo(f"k-means stability over seeds {st['seeds'][0]}..{st['seeds'][-1]}: mean pairwise adjusted Rand "
+                   f"index {st['mean_pairwise_ari']:.3f} ({st['distinct_partitions']} distinct groupings)")
+    for d in m.get("dropped", []):
+        click.echo(f"dropped {d['run']} (group {d['group']}): {d['reason']}; the generalist serves its group")
     cov = m["covered"]
     click.echo(f"{run_dir}: generalist test_accuracy={m['generalist']['test_accuracy']:.4f}  "
                f"combined test_accuracy={m['combined']['test_accuracy']:.4f}  "

@@ -146,6 +146,10 @@ def _heatmap(s: StageView, clusters: dict, figs: Figures) -> Image | None:
         how = "given by --groups"
     else:
         how = f"k-means on the {clusters.get('affinity') or 'covariance'} matrix, K={clusters.get('n_clusters')}"
+        st = clusters.get("stability") or {}
+        if st.get("mean_pairwise_ari") is not None:
+            how += (f"; across {len(st.get('seeds', []))} k-means seeds the groupings agree at a mean pairwise "
+                    f"adjusted Rand index of {st['mean_pairwise_ari']:.2f}")
     caption = (f"{s.name}: covariance of the generalist's predictions on {clusters.get('examples', '?')} "
                f"{clusters.get('split', 'validation')} examples; boxes are the specialists' groups ({how})")
     out = figs.path(f"covariance-{_slug(s.name)}.png")
@@ -179,7 +183,8 @@ def specialists_section(exp: Experiment, figs: Figures) -> Section | None:
         for g in groups:
             e, sp = per_group.get(tuple(g), {}), own.get(tuple(g))
             label = ", ".join(names[k] if k < len(names) else str(k) for k in g)
-            rows.append([label, sp["run"] if sp else "none (one class)", fmt(e.get("count")),
+            who = "none (one class)" if not sp else sp["run"] if sp.get("used", True) else f"{sp['run']} (dropped)"
+            rows.append([label, who, fmt(e.get("count")),
                          pct(e.get("generalist_accuracy")), pct(e.get("combined_accuracy")),
                          fmt(e.get("delta_correct")), pct(sp.get("test_in_group_accuracy")) if sp else "-",
                          fmt(sp.get("epochs_run")) if sp else "-", count(sp.get("params")) if sp else "-"])
@@ -189,6 +194,10 @@ def specialists_section(exp: Experiment, figs: Figures) -> Section | None:
                                  "params"], rows,
                                 note="Accuracies on the test examples whose true class is in the group; "
                                      "'extra correct' = combined minus generalist correct answers."))
+        for d in m.get("dropped", []):
+            blocks.append(Para(f"{s.name}: {d.get('run')} ({', '.join(map(str, d.get('class_names') or d['group']))}) "
+                               f"was dropped after the validation check, and the generalist serves its group: "
+                               f"{d.get('reason')}."))
         cover = [[fmt(e.get("n_covering")), fmt(e.get("count")), pct(e.get("generalist_accuracy")),
                   pct(e.get("combined_accuracy")), fmt(e.get("delta_correct")),
                   pct(e.get("relative_improvement"))] for e in m.get("by_covering", [])]

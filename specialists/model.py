@@ -1,0 +1,106 @@
+"""A specialist's network: a trainable copy of the generalist, folded onto its group plus a dustbin.
+
+Hinton et al. (2015, section 5.2) initialise a specialist with the generalist's weights.
+The generalist restricted to a group S gives, for logits z (C classes),
+
+    log p(k) = z_k - lse(z)        for k in S,
+    log p(outside S) = lse_{j not in S}(z_j) - lse(z),
+
+so a specialist that outputs ``[z_S, lse(z_rest) + c]`` with c = 0 *is* the generalist
+folded onto S + dustbin: its |S| + 1-way softmax equals the folded distribution exactly.
+A linear dustbin row cannot do that (log-sum-exp is convex in the features, not linear;
+the fitted row this replaced started 1.5-1.7 nats off on a 100-class set, issue 17).
+
+:class:`FoldedSpecialist` is that network: ``base`` is a full copy of the generalist's
+architecture and weights (every layer trainable, its C-way head included), and
+``dustbin_bias`` is the learned correction c, a scalar that starts at 0 and also carries
+the oversampling correction after training (``specialists.train``). The rest rows of the
+head keep training through the log-sum-exp, so the dustbin logit stays input-dependent.
+
+It is saved like any kdens model -- ``model.safetensors`` plus ``model.json`` -- under the
+factory name ``specialists.model:folded`` with the base architecture, its class count and
+the group in ``kwargs``; ``kdens.models.load_model`` rebuilds it by that name (the path
+user factories take), so no pickle is involved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdens.errors import ModelError
+from kdens.models import build_model, model_spec
+
+FACTORY = "specialists.model:folded"
+
+
+class FoldedSpecialist(nn.Module):
+    """``x -> [z_S(x), lse_{j not in S} z_j(x) + dustbin_bias]``, (B, |S| + 1), with z = ``base(x)``.
+
+    Args:
+        base: a C-class model (the generalist's architecture).
+        group: the specialist's classes S, in output order; 1 <= |S| < C.
+        num_base_classes: C.
+    """
+
+    def __init__(self, base: nn.Module, group: list[int], num_base_classes: int):
+        super().__init__()
+        group = [int(k) for k in group]
+        if not group or len(set(group)) != len(group) or min(group) < 0 or max(group) >= num_base_classes \
+                or len(group) >= num_base_classes:
+            raise ModelError(f"specialist group {group} must be distinct class ids in [0, {num_base_classes - 1}] "
+                             f"and fewer than all {num_base_classes} classes (the dustbin needs the rest)")
+        inside = set(group)
+        self.base = base
+        self.group = group
+        self.num_base_classes = int(num_base_classes)
+        # not persistent: they follow from model.json's group, and stay out of the safetensors file
+        self.register_buffer("group_index", torch.tensor(group, dtype=torch.long), persistent=False)
+        rest = [k for k in range(num_base_classes) if k not in inside]
+        self.register_buffer("rest_index", torch.tensor(rest, dtype=torch.long), persistent=False)
+        self.dustbin_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.base(x)  # (B, C)
+        dustbin = torch.logsumexp(z.index_select(1, self.rest_index), 1, keepdim=True)  # (B, 1)
+        return torch.cat([z.index_select(1, self.group_index), dustbin + self.dustbin_bias], 1)  # (B, |S| + 1)
+
+
+def folded(num_classes: int, input_shape: tuple[int, ...], base: str, base_classes: int, group: list[int],
+           base_args: dict | None = None) -> FoldedSpecialist:
+    """The model factory behind ``model.json`` name ``specialists.model:folded``.
+
+    Args:
+        num_classes: |S| + 1 (checked against ``group``).
+        input_shape: the generalist's input shape.
+        base: the generalist's model name (a registry name or ``package.module:factory``).
+        base_classes: the generalist's number of classes C.
+        group: the specialist's classes S.
+        base_args: the generalist's model arguments.
+    """
+    if int(num_classes) != len(group) + 1:
+        raise ModelError(f"a specialist for group {list(group)} has {len(group) + 1} outputs (the group plus a "
+                         f"dustbin), not {num_classes}; model.json does not fit its group")
+    return FoldedSpecialist(build_model(base, int(base_classes), tuple(input_shape), **(base_args or {})),
+                            group, int(base_classes))
+
+
+def folded_spec(gen_spec: dict, group: list[int]) -> dict:
+    """``model.json`` of a specialist for ``group`` on the generalist described by ``gen_spec``."""
+    kwargs = {"base": gen_spec["name"], "base_classes": int(gen_spec["num_classes"]), "group": [int(k) for k in group],
+              "base_args": dict(gen_spec["kwargs"])}
+    return model_spec(FACTORY, len(group) + 1, gen_spec["input_shape"], kwargs)
+
+
+def specialist_from_generalist(generalist: nn.Module, gen_spec: dict, group: list[int]) -> tuple[FoldedSpecialist, dict]:
+    """A specialist equal to the generalist folded onto ``group`` + dustbin: (model in train mode, its spec)."""
+    spec = folded_spec(gen_spec, group)
+    kw = spec["kwargs"]
+    model = folded(spec["num_classes"], tuple(spec["input_shape"]), kw["base"], kw["base_classes"], kw["group"],
+                   kw["base_args"])
+    state = {k: v.detach().cpu() for k, v in generalist.state_dict().items()}
+    try:
+        model.base.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"the generalist's weights do not fit its own model.json ({gen_spec['name']}): {e}") from None
+    return model.train(), spec
