@@ -178,6 +178,18 @@ def cross_entropy(student_logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(student_logits.to(work_dtype(student_logits)), y.long())
 
 
+def hard_term(student_logits: Tensor, y: Tensor | None, ce_weight: float, method: str) -> Tensor:
+    """``ce_weight * CE(y, softmax(z_s))`` (a zero of the working dtype when the weight is 0).
+
+    The hard-label term methods add beside their own loss; it needs labels only when weighted.
+    """
+    out = student_logits.new_zeros((), dtype=work_dtype(student_logits))
+    if ce_weight > 0:
+        y = need_labels(y, method, f"ce_weight={ce_weight}; --method-arg ce_weight=0 drops it")
+        out = out + ce_weight * cross_entropy(student_logits, y)
+    return out
+
+
 def kl_at(student_logits: Tensor, teacher_scores: Tensor, temperature: float) -> Tensor:
     """KL(softmax(s_t / T) || softmax(z_s / T)), summed over classes, mean over the batch (no T^2).
 

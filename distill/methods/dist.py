@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.methods.base import (TEMPERATURE_HELP, Method, Param, check_logits, cross_entropy, need_labels,
+from distill.methods.base import (TEMPERATURE_HELP, Method, Param, check_logits, hard_term,
                                   work_dtype)
 
 EPS = 1e-8
@@ -64,8 +64,5 @@ class DIST(Method):
     def loss(self, student_logits: Tensor, teacher_scores: Tensor, y: Tensor | None) -> Tensor:
         check_logits(student_logits, teacher_scores, y, self.name)
         a = self.args
-        out = student_logits.new_zeros((), dtype=work_dtype(student_logits))
-        if a["ce_weight"] > 0:
-            y = need_labels(y, self.name, f"ce_weight={a['ce_weight']}; --method-arg ce_weight=0 drops it")
-            out = out + a["ce_weight"] * cross_entropy(student_logits, y)
+        out = hard_term(student_logits, y, a["ce_weight"], self.name)
         return out + dist_loss(student_logits, teacher_scores, a["beta"], a["gamma"], a["temperature"])

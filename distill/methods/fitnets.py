@@ -30,8 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from distill.methods.base import (TEMPERATURE_HELP, Param, Phase, cross_entropy, kl_at, need_labels,
-                                  work_dtype)
+from distill.methods.base import (TEMPERATURE_HELP, Param, Phase, hard_term, kl_at)
 from distill.methods.features import FeatureBatch, FeatureMethod, first_phase_epochs, flat
 
 
@@ -86,10 +85,7 @@ class FitNets(FeatureMethod):
             return sum(hint_loss(u, r(v)) for u, v, r in zip(batch.teacher, batch.student, adapters))
         a = self.args
         zs = batch.student_logits
-        out = zs.new_zeros((), dtype=work_dtype(zs))
-        if a["ce_weight"] > 0:
-            y = need_labels(batch.y, self.name, f"ce_weight={a['ce_weight']}; --method-arg ce_weight=0 drops it")
-            out = out + a["ce_weight"] * cross_entropy(zs, y)
+        out = hard_term(zs, batch.y, a["ce_weight"], self.name)
         with torch.no_grad():
             zt = batch.teacher_logits.detach()
         return out + self.kd_weight() * kl_at(zs, zt, a["temperature"])

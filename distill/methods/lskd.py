@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from distill.methods.base import Method, Param, check_logits, cross_entropy, kl_at, need_labels, work_dtype
+from distill.methods.base import Method, Param, check_logits, hard_term, kl_at, work_dtype
 from kdens.errors import ModelError
 
 EPS = 1e-7
@@ -55,8 +55,5 @@ class LSKD(Method):
     def loss(self, student_logits: Tensor, teacher_scores: Tensor, y: Tensor | None) -> Tensor:
         check_logits(student_logits, teacher_scores, y, self.name)
         a = self.args
-        out = student_logits.new_zeros((), dtype=work_dtype(student_logits))
-        if a["ce_weight"] > 0:
-            y = need_labels(y, self.name, f"ce_weight={a['ce_weight']}; --method-arg ce_weight=0 drops it")
-            out = out + a["ce_weight"] * cross_entropy(student_logits, y)
+        out = hard_term(student_logits, y, a["ce_weight"], self.name)
         return out + a["kd_weight"] * lskd_loss(student_logits, teacher_scores, a["temperature"])

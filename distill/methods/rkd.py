@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.methods.base import Param, cross_entropy, need_labels, work_dtype
+from distill.methods.base import Param, hard_term
 from distill.methods.features import FeatureBatch, FeatureMethod, flat
 
 
@@ -116,10 +116,7 @@ class RKD(FeatureMethod):
     def feature_loss(self, phase: str, batch: FeatureBatch, adapters: nn.ModuleList) -> Tensor:
         a = self.args
         zs = batch.student_logits
-        out = zs.new_zeros((), dtype=work_dtype(zs))
-        if a["ce_weight"] > 0:
-            y = need_labels(batch.y, self.name, f"ce_weight={a['ce_weight']}; --method-arg ce_weight=0 drops it")
-            out = out + a["ce_weight"] * cross_entropy(zs, y)
+        out = hard_term(zs, batch.y, a["ce_weight"], self.name)
         for s, t in zip(batch.student, batch.teacher):
             out = out + rkd_loss(s, t, a["distance_weight"], a["angle_weight"])
         return out
