@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from kdens.errors import ConfigError
 from kdens.train import TrainConfig
 from specialists.cluster import AFFINITIES, ALGORITHMS
+from specialists.model import INITS
 
 
 @dataclass
@@ -35,6 +36,12 @@ class SpecialistsConfig:
     C x C matrix."""
     top_n: int = 1
     """A specialist takes part when its group meets the generalist's top-n classes."""
+    init: str = "fitted-row"
+    """How a specialist starts: fitted-row (the generalist's architecture with |S| + 1 outputs and a linear dustbin
+    row fitted to the log-sum-exp of the other classes' logits) or exact (the generalist restricted to its group: a
+    copy whose dustbin logit is that log-sum-exp, equal at step 0; any architecture). Measured: exact starts lower
+    but ends with a higher validation NLL in 55 of 60 specialists (BENCHMARKS.md section 6), so fitted-row is the
+    default."""
     drop_unhelpful: bool = True
     """Check each specialist on the validation split (with the generalist, as the combination uses it) and
     drop one that does not lower the NLL or loses correct answers there; its group is left to the generalist
@@ -64,5 +71,7 @@ class SpecialistsConfig:
             raise ConfigError(f"--cluster-restarts {self.cluster_restarts!r} must be an integer >= 1")
         if isinstance(self.top_n, bool) or not isinstance(self.top_n, numbers.Integral) or self.top_n < 1:
             raise ConfigError(f"--top-n {self.top_n!r} must be an integer >= 1")
+        if self.init not in INITS:
+            raise ConfigError(f"--init {self.init!r} unknown; valid: {', '.join(INITS)}")
         if not isinstance(self.drop_unhelpful, bool):
             raise ConfigError(f"--drop-unhelpful {self.drop_unhelpful!r} must be true or false")

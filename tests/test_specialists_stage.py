@@ -130,7 +130,7 @@ def test_initial_specialist_is_the_generalist(gen, digits):
     """Item 5 of issue 17: at step 0 the specialist's |S| + 1 distribution is the folded generalist's."""
     g_model, g_spec = load_model(gen)
     group = [3, 5, 8]
-    model, spec, info = init_specialist(g_model, g_spec, group, digits.x_train[:300])
+    model, spec, info = init_specialist(g_model, g_spec, group, digits.x_train[:300], init="exact")
     assert spec["name"] == "specialists.model:folded" and spec["num_classes"] == 4
     assert spec["kwargs"] == {"base": "mlp", "base_classes": 10, "group": group, "base_args": g_spec["kwargs"]}
     a, b = g_model.state_dict(), model.state_dict()
@@ -153,6 +153,26 @@ def test_initial_specialist_is_the_generalist(gen, digits):
     assert float((torch.softmax(predict_logits(model, held).double(), 1) - folded).abs().max()) > 1e-3
 
 
+def test_fitted_row_start(gen, digits):
+    """--init fitted-row: the generalist's architecture with |S| + 1 outputs, a least-squares dustbin row."""
+    g_model, g_spec = load_model(gen)
+    group = [3, 5, 8]
+    model, spec, info = init_specialist(g_model, g_spec, group, digits.x_train[:500], init="fitted-row")
+    assert spec["name"] == "mlp" and spec["num_classes"] == 4 and spec["kwargs"] == g_spec["kwargs"]
+    a, b = g_model.state_dict(), model.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
+    assert torch.equal(b["head.weight"][:3], a["head.weight"][group])
+    assert torch.equal(b["head.bias"][:3], a["head.bias"][group])
+    rest = [k for k in range(10) if k not in group]
+    zs = predict_logits(model, digits.x_train[:500]).double()
+    target = torch.logsumexp(predict_logits(g_model, digits.x_train[:500]).double()[:, rest], 1)
+    assert float(((zs[:, -1] - target) ** 2).mean().sqrt()) == pytest.approx(info["dustbin_init_rmse"], rel=1e-3)
+    assert info["dustbin_init_rmse"] < info["dustbin_init_rmse_mean_rows"]  # better than the mean of the rows
+    assert info["init"] == "fitted-row" and info["init_max_abs_logprob_diff"] > 1e-3  # close, not exact
+    with pytest.raises(ConfigError, match="--init 'lse'"):
+        init_specialist(g_model, g_spec, group, digits.x_train[:10], init="lse")
+
+
 def test_specialist_saves_and_loads_without_pickles(gen, digits, tmp_path):
     from safetensors.torch import load_file
 
@@ -161,7 +181,7 @@ def test_specialist_saves_and_loads_without_pickles(gen, digits, tmp_path):
     from specialists.model import folded
 
     g_model, g_spec = load_model(gen)
-    model, spec, _ = init_specialist(g_model, g_spec, [1, 7])
+    model, spec, _ = init_specialist(g_model, g_spec, [1, 7], init="exact")
     with torch.no_grad():
         model.dustbin_bias += 0.25
         model.base.head.weight[2] *= 1.5
@@ -243,18 +263,22 @@ def test_clusters_from_kmeans(gen, tmp_path, digits):
                                                      "metrics.json", *specs]
 
 
-def test_dustbin_correction_is_in_the_saved_weights(gen, tmp_path, monkeypatch, digits):
+@pytest.mark.parametrize("init", ["exact", "fitted-row"])
+def test_dustbin_correction_is_in_the_saved_weights(gen, tmp_path, monkeypatch, digits, init):
     raw = {}
     real_fit = spec_train.fit
+    # where each start keeps its dustbin offset, and its other output weights
+    bias, weight = (("dustbin_bias", "base.head.weight") if init == "exact" else ("head.bias", "head.weight"))
 
     def spying_fit(model, *args, desc="train", **kw):
         result = real_fit(model, *args, desc=desc, **kw)
-        raw[desc] = (model.model.dustbin_bias.detach().clone(), model.model.base.head.weight.detach().clone())
+        state = model.model.state_dict()
+        raw[desc] = (state[bias][-1].detach().clone(), state[weight].detach().clone())
         return result
 
     monkeypatch.setattr(spec_train, "fit", spying_fit)
     out = tmp_path / "corr"
-    assert _spec(gen, "--groups", "3,5,8;1,7", "--out", out).exit_code == 0
+    assert _spec(gen, "--groups", "3,5,8;1,7", "--init", init, "--out", out).exit_code == 0
     y = digits.y_train
     for m, g in enumerate([[1, 7], [3, 5, 8]]):
         sdir = out / f"spec-{m:02d}"
@@ -264,8 +288,10 @@ def test_dustbin_correction_is_in_the_saved_weights(gen, tmp_path, monkeypatch, 
         assert met["frac_rest_true"] == pytest.approx(f) and met["oversampling_factor"] == pytest.approx(factor)
         state = load_model(sdir)[0].state_dict()
         b0, w0 = raw[sdir.name]
-        assert torch.equal(state["base.head.weight"], w0)
-        assert float(state["dustbin_bias"] - b0) == pytest.approx(math.log(factor), abs=1e-5)
+        assert torch.equal(state[weight], w0) and met["init"] == init
+        assert float(state[bias][-1] - b0) == pytest.approx(math.log(factor), abs=1e-5)
+        if init == "fitted-row":
+            assert torch.equal(state[bias][:-1], load_model(sdir)[0].head.bias[:-1])
         # early stopping and val_nll are on corrected logits with the natural class mix
         yv = remap_labels(digits.y_val, g)
         assert met["val_nll"] == pytest.approx(M.nll(predict_logits(load_model(sdir)[0], digits.x_val).numpy(), yv),
