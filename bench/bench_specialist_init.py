@@ -12,7 +12,10 @@ so both starts are compared specialist by specialist), once per start:
 
 Reported: the start's error (largest |log p - log p_folded| on 4,096 training examples), the
 validation loss after the first epoch, the final validation NLL and in-group test accuracy
-of the specialists (means over the 10), and the combination's test accuracy and NLL.
+of the specialists (means over the 10), the combination's test accuracy and NLL, and a
+student of the generalist's size distilled from the combination (T=4, alpha=0.1, the
+generalist's recipe, as in ``bench/bench_many_class.py``): what the start does to the
+teacher kdens exists to distill.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_specialist_init.py --runs runs/many-class \\
         --seeds 0,1,2 --out bench/results/specialist-init
@@ -30,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import many_class  # noqa: E402
-from bench_many_class import SPEC_RECIPE, Runner  # noqa: E402
+from bench_many_class import GEN, GEN_RECIPE, KD, SPEC_RECIPE, Runner  # noqa: E402
 
 INITS = ("exact", "fitted-row")
 
@@ -64,9 +67,13 @@ def main(argv: list[str] | None = None) -> None:
                 r.kdens(run, "train-specialists", "--generalist", args.runs / f"s{s}" / g, "--groups",
                         many_class.true_groups(), "--init", init, "--keep-unhelpful", "--seed", s, *SPEC_RECIPE)
                 res[f"{g}/s{s}/{init}"] = measure(run)
+                st = r.kdens(run.with_name(run.name + "-student"), "distill", "--teacher", run, "--model", "mlp",
+                             "--model-arg", f"hidden={GEN[g]}", "--temperature", KD["temperature"], "--alpha",
+                             KD["alpha"], "--seed", s, *GEN_RECIPE)
+                res[f"{g}/s{s}/{init}"]["student_accuracy"] = st["test_accuracy"]
     lines = ["| generalist | seed | start | start error (nats) | val loss after epoch 1 | final val NLL | "
-             "lower val NLL than the other start | in-group test accuracy | combined test accuracy | combined NLL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "lower val NLL than the other start | in-group test accuracy | combined test accuracy | combined NLL | "
+             "student (1x) accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, x in res.items():
         g, s, init = key.split("/")
         other = res[f"{g}/{s}/{INITS[1 - INITS.index(init)]}"]
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| MLP-{g[1:]} | {s[1:]} | {init} | {x['init_error']:.3g} | {x['epoch1_val_loss']:.4f} | "
                      f"{np.mean(x['val_nll']):.4f} | {wins}/{len(x['val_nll'])} | "
                      f"{100 * np.mean(x['in_group_accuracy']):.2f} | {100 * x['combined_accuracy']:.2f} | "
-                     f"{x['combined_nll']:.4f} |")
+                     f"{x['combined_nll']:.4f} | {100 * x['student_accuracy']:.2f} |")
     md = "\n".join(lines) + "\n"
     out.with_suffix(".json").write_text(json.dumps({"command": " ".join([sys.executable, *sys.argv]),
                                                     "kdens_commands": r.commands, "results": res}, indent=1) + "\n")

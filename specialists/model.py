@@ -22,14 +22,16 @@ factory name ``specialists.model:folded`` with the base architecture, its class 
 the group in ``kwargs``; ``kdens.models.load_model`` rebuilds it by that name (the path
 user factories take), so no pickle is involved.
 
-The other start, ``init = "fitted-row"`` (:func:`fitted_row_specialist`, the default): the
-generalist's own architecture with |S| + 1 outputs, trunk and group rows copied, the
-dustbin a *linear* row fitted by least squares to that log-sum-exp. It starts off (up to
-7-12 nats on the worst of 4,096 examples of the many-class set), yet it ends with a lower
-validation NLL than the exact start in 55 of 60 specialists and a lower combined test NLL
-in 6 of 6 runs (BENCHMARKS.md section 6, ``bench/bench_specialist_init.py``). The likely
-reason: a single linear dustbin lets the features forget the other classes, while
-``lse(z_rest)`` keeps asking them to encode all C - |S| other logits.
+The other start, ``init = "fitted-row"`` (:func:`fitted_row_specialist`, the one before
+issue 17): the generalist's own architecture with |S| + 1 outputs, trunk and group rows
+copied, the dustbin a *linear* row fitted by least squares to that log-sum-exp. It starts
+off (up to 7-12 nats on the worst of 4,096 examples of the many-class set), yet it ends
+with a lower validation NLL than the exact start in 55 of 60 specialists and a lower
+combined test NLL in 6 of 6 runs -- while students distilled from the exact-start
+combinations were as good or better in 4 of 6 (BENCHMARKS.md section 6,
+``bench/bench_specialist_init.py``). A likely reason for the first: a single linear dustbin
+lets the features forget the other classes, while ``lse(z_rest)`` keeps asking them to
+encode all C - |S| other logits -- which may be what makes the exact start the better teacher.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """One specialist (Hinton, Vinyals & Dean 2015, section 5.2): init, half-group batches, dustbin correction.
 
 A specialist for the class group S predicts the |S| classes of S plus one dustbin class
-for everything else. It starts from the generalist (:func:`init_specialist`): as its
-architecture with |S| + 1 outputs and a linear dustbin row fitted to the log-sum-exp of the
-other classes' logits (``init="fitted-row"``, the default), or exactly as the generalist
-restricted to S (``init="exact"``: a trainable copy whose output is ``[z_S, lse(z_rest) + c]``,
-:mod:`specialists.model`; it starts lower but ends worse, BENCHMARKS.md section 6). Half of every training
+for everything else. It starts from the generalist (:func:`init_specialist`): exactly as the
+generalist restricted to S (``init="exact"``, the default: a trainable copy whose output is
+``[z_S, lse(z_rest) + c]``, :mod:`specialists.model`), or as its architecture with |S| + 1
+outputs and a linear dustbin row fitted to that log-sum-exp (``init="fitted-row"``; the two
+are compared in BENCHMARKS.md section 6). Half of every training
 batch comes from S and half from the other classes (:func:`half_group_sampler`); that
 over-represents S, so after training the dustbin logit is raised by the log odds ratio
 (``specialists.combine.oversampling_factor``) and the saved weights already carry it.
@@ -89,7 +89,7 @@ def half_group_sampler(y, group: list[int], batch_size: int) -> Sampler:
 
 
 def init_specialist(generalist: nn.Module, gen_spec: dict, group: list[int], x_check=None,
-                    batch_size: int = 2048, init: str = "fitted-row") -> tuple[nn.Module, dict, dict]:
+                    batch_size: int = 2048, init: str = "exact") -> tuple[nn.Module, dict, dict]:
     """A specialist for ``group`` started from the generalist.
 
     ``init="exact"``: :class:`specialists.model.FoldedSpecialist`, a copy of the generalist
@@ -146,7 +146,7 @@ class DustbinCorrected(nn.Module):
 
 def train_specialist(run_dir: Path, group: list[int], generalist: nn.Module, gen_spec: dict, x, y, x_val, y_val,
                      x_test, y_test, train: TrainConfig, *, key: str, resume: bool = False, progress: bool = True,
-                     desc: str = "specialist", init: str = "fitted-row") -> dict:
+                     desc: str = "specialist", init: str = "exact") -> dict:
     """Initialise, train and correct one specialist; write its weights, metrics and history (no manifest).
 
     Args:

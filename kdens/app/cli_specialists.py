@@ -21,10 +21,9 @@ from kdens.app.cli_common import CONTEXT, RUN_KEYS, layers, run_options, train_o
               help="k-means restarts; the lowest-inertia grouping is kept [100].")
 @click.option("--top-n", type=click.IntRange(min=1),
               help="Specialists of the generalist's top-n classes take part [1].")
-@click.option("--init", type=click.Choice(["fitted-row", "exact"]),
-              help="Start with a fitted linear dustbin row, or exactly as the generalist restricted to the group "
-                   "(dustbin logit = log-sum-exp of the other logits; ends worse, BENCHMARKS.md section 6) "
-                   "[fitted-row].")
+@click.option("--init", type=click.Choice(["exact", "fitted-row"]),
+              help="Start exactly as the generalist restricted to the group (dustbin logit = log-sum-exp of the "
+                   "other logits), or with a linear dustbin row fitted to it [exact].")
 @click.option("--drop-unhelpful/--keep-unhelpful", default=None,
               help="Drop a specialist that does not lower the validation NLL (or loses correct answers) where it "
                    "takes part; its group is left to the generalist [drop].")
@@ -39,8 +38,8 @@ def train_specialists(**flags):
     The generalist's predictions on its validation split are clustered into groups of
     classes it confuses (clusters.json, clusters.png). Each group gets a specialist
     (spec-00 ...): the generalist's architecture with the group's classes plus a dustbin,
-    started from its weights (the dustbin row fitted to the log-sum-exp of the other
-    classes' logits; --init exact starts exactly as the generalist restricted to the group),
+    started exactly as the generalist restricted to the group (its copy, dustbin logit =
+    log-sum-exp of the other classes' logits; --init fitted-row: a fitted linear dustbin row),
     trained on batches half from the group, dustbin corrected.
     Each specialist is then checked on the validation split as the combination uses it;
     one that does not help is dropped (--keep-unhelpful keeps it) and its group left to the
