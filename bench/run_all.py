@@ -93,6 +93,20 @@ STEPS: dict[str, list] = {
                                "--model-arg", "hidden=800,800", "--temperature", "4", "--alpha", "0.1", "--jitter", "2",
                                "--epochs", "40", "--grad-clip", "5", "--seed", "0",
                                "--baseline", "runs/fm/sweep30/hard-big-s0")],
+    # issue 17: the many-class benchmark (its own generator; ~45 CPU-minutes), then the clustering
+    # comparison on its generalists, three digits generalists and one Fashion-MNIST generalist
+    "many-class": [[PY, "bench/bench_many_class.py", "--runs", "runs/many-class", "--seeds", "0,1,2",
+                    "--out", "bench/results/many-class"]],
+    "clustering": [*(kdens_if_missing(f"runs/clu/digits-s{s}", "train-generalist", "--data", "digits", "--model", "mlp",
+                                      "--model-arg", "hidden=256,256", "--model-arg", "dropout=0.2", "--epochs", "40",
+                                      "--batch-size", "32", "--patience", "40", "--seed", str(s)) for s in range(3)),
+                   kdens_if_missing("runs/clu/fm-mlp256", "train-generalist", *FM, "--model", "mlp", "--model-arg",
+                                    "hidden=256", "--lr", "0.1", "--epochs", "10", "--patience", "10", "--seed", "0"),
+                   [PY, "bench/bench_clustering.py",
+                    *(f"--run=digits-s{s}=runs/clu/digits-s{s}" for s in range(3)), "--run=fashion-mnist=runs/clu/fm-mlp256",
+                    *(f"--run=many-class-{g}-s{s}=runs/many-class/s{s}/{g}" for g in ("g16", "g32") for s in range(3)),
+                    *(f"--k=digits-s{s}=3,4,5" for s in range(3)), "--k=fashion-mnist=3,4,5",
+                    "--out", "bench/results/clustering"]],
 }
 
 

@@ -58,7 +58,7 @@ class ConfusionClusterer(ClusterMixin, BaseEstimator):
     is the other scale-free choice.
 
     Why ``algorithm="kmeans"`` with ``n_init=100`` is the default (issue 17, measured by
-    ``bench/bench_clustering.py``, BENCHMARKS.md section 6): over digits, Fashion-MNIST and
+    ``bench/bench_clustering.py``, BENCHMARKS.md section 8): over digits, Fashion-MNIST and
     a synthetic 100-class set, 10 seeds each, the online ``minibatch`` k-means (the
     previous default, n_init=10) agreed with itself across seeds at a mean pairwise
     adjusted Rand index of 0.20 and found the true groups of the synthetic set at ARI

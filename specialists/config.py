@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from kdens.errors import ConfigError
 from kdens.train import TrainConfig
 from specialists.cluster import AFFINITIES, ALGORITHMS
+from specialists.model import INITS
 
 
 @dataclass
@@ -29,12 +30,18 @@ class SpecialistsConfig:
     """Matrix whose columns are clustered: covariance (the paper's), normalized (unit-norm columns) or correlation."""
     cluster_algorithm: str = "kmeans"
     """k-means flavour: kmeans (Lloyd) or minibatch (online, as in the paper; measured far less stable,
-    BENCHMARKS.md section 6)."""
+    BENCHMARKS.md section 8)."""
     cluster_restarts: int = 100
     """k-means restarts (n_init); the lowest-inertia grouping is kept. Cheap: the points are C columns of a
     C x C matrix."""
     top_n: int = 1
     """A specialist takes part when its group meets the generalist's top-n classes."""
+    init: str = "exact"
+    """How a specialist starts: exact (the generalist restricted to its group: a copy whose dustbin logit is the
+    log-sum-exp of the other classes' logits, equal at step 0; any architecture) or fitted-row (the generalist's
+    architecture with |S| + 1 outputs and a linear dustbin row fitted to that log-sum-exp). Measured on the
+    many-class set (BENCHMARKS.md section 8): fitted-row specialists end with a lower validation NLL (55 of 60), but
+    students distilled from exact-start teachers were as good or better (4 of 6 runs)."""
     drop_unhelpful: bool = True
     """Check each specialist on the validation split (with the generalist, as the combination uses it) and
     drop one that does not lower the NLL or loses correct answers there; its group is left to the generalist
@@ -64,5 +71,7 @@ class SpecialistsConfig:
             raise ConfigError(f"--cluster-restarts {self.cluster_restarts!r} must be an integer >= 1")
         if isinstance(self.top_n, bool) or not isinstance(self.top_n, numbers.Integral) or self.top_n < 1:
             raise ConfigError(f"--top-n {self.top_n!r} must be an integer >= 1")
+        if self.init not in INITS:
+            raise ConfigError(f"--init {self.init!r} unknown; valid: {', '.join(INITS)}")
         if not isinstance(self.drop_unhelpful, bool):
             raise ConfigError(f"--drop-unhelpful {self.drop_unhelpful!r} must be true or false")

@@ -224,9 +224,10 @@ def _train_one(cfg, m, groups, run_dir, gen_dir, gen_model, gen_spec, gen_hash, 
     group, sdir = groups[m], spec_dir(run_dir, m)
     prepare_run_dir(sdir, resume, force, f"specialist {m}")
     train = specialist_train_config(cfg.train, m)
-    key = run_key("specialist", group, gen_hash, train.to_dict(), data.fingerprint, len(y))
+    key = run_key("specialist", group, gen_hash, train.to_dict(), data.fingerprint, len(y), cfg.init)
     metrics = train_specialist(sdir, group, gen_model, gen_spec, x, y, data.x_val, data.y_val, data.x_test,
-                               data.y_test, train, key=key, resume=resume, progress=progress, desc=sdir.name)
+                               data.y_test, train, key=key, resume=resume, progress=progress, desc=sdir.name,
+                               init=cfg.init)
     names = [data.class_names[k] for k in group]
     write_manifest(sdir, stage="specialist", config=to_dict(cfg), inputs={str(gen_dir / MANIFEST): gen_hash},
                    data_fingerprint=data.fingerprint, seed=train.seed, wall_seconds=round(time.time() - t0, 3),
@@ -308,7 +309,7 @@ def _finish(cfg, run_dir, groups, gen_dir, gen_model, gen_hash, data, data_confi
         {"run": d.name, "group": g, "seed": specialist_train_config(cfg.train, m).seed, "used": keep[m],
          **{k: s.get(k) for k in ("test_accuracy", "test_generalist_accuracy", "test_in_group_accuracy",
                                   "test_generalist_in_group_accuracy", "val_nll", "val_generalist_nll",
-                                  "val_nll_uncorrected", "oversampling_factor", "init_max_abs_logprob_diff",
+                                  "val_nll_uncorrected", "oversampling_factor", "init", "init_max_abs_logprob_diff",
                                   "best_epoch", "epochs_run", "params", "train_seconds")},
          "validation_check": checks[m]}
         for m, (d, g, s) in enumerate(zip(dirs, groups, own))]

@@ -1,12 +1,14 @@
 """One specialist (Hinton, Vinyals & Dean 2015, section 5.2): init, half-group batches, dustbin correction.
 
 A specialist for the class group S predicts the |S| classes of S plus one dustbin class
-for everything else. It starts exactly as the generalist restricted to S: a trainable
-copy of the generalist whose output is ``[z_S, lse(z_rest) + c]`` (:mod:`specialists.model`,
-:func:`init_specialist`). Half of every training batch comes from S and half from the
-other classes (:func:`half_group_sampler`); that over-represents S, so after training the
-dustbin logit is raised by the log odds ratio (``specialists.combine.oversampling_factor``)
-and the saved weights (its ``dustbin_bias``) already carry it.
+for everything else. It starts from the generalist (:func:`init_specialist`): exactly as the
+generalist restricted to S (``init="exact"``, the default: a trainable copy whose output is
+``[z_S, lse(z_rest) + c]``, :mod:`specialists.model`), or as its architecture with |S| + 1
+outputs and a linear dustbin row fitted to that log-sum-exp (``init="fitted-row"``; the two
+are compared in BENCHMARKS.md section 8). Half of every training
+batch comes from S and half from the other classes (:func:`half_group_sampler`); that
+over-represents S, so after training the dustbin logit is raised by the log odds ratio
+(``specialists.combine.oversampling_factor``) and the saved weights already carry it.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from torch import nn
 
 from kdens import metrics as M
 from kdens.artifacts import atomic_write_json
-from kdens.errors import DataError
+from kdens.errors import ConfigError, DataError
 from kdens.models import count_params, save_model
 from kdens.train import Sampler, TrainConfig, fit, predict_logits
 from specialists.combine import oversampling_factor
-from specialists.model import specialist_from_generalist
+from specialists.model import INITS, fitted_row_specialist, head_features, raise_dustbin, specialist_from_generalist
 
 REST_FRACTION_IN_BATCHES = 0.5  # half of every batch comes from outside the group
-INIT_CHECK_EXAMPLES = 1024  # training examples on which the start is checked against the folded generalist
+INIT_EXAMPLES = 4096  # training examples that fit the fitted-row dustbin and check either start
 
 
 def remap_labels(y, group: list[int]) -> np.ndarray:
@@ -87,24 +89,34 @@ def half_group_sampler(y, group: list[int], batch_size: int) -> Sampler:
 
 
 def init_specialist(generalist: nn.Module, gen_spec: dict, group: list[int], x_check=None,
-                    batch_size: int = 2048) -> tuple[nn.Module, dict, dict]:
-    """A specialist that starts exactly as the generalist folded onto ``group`` + dustbin.
+                    batch_size: int = 2048, init: str = "exact") -> tuple[nn.Module, dict, dict]:
+    """A specialist for ``group`` started from the generalist.
 
-    The network is :class:`specialists.model.FoldedSpecialist`: a copy of the generalist
+    ``init="exact"``: :class:`specialists.model.FoldedSpecialist`, a copy of the generalist
     (every weight, the C-way head included) whose output is ``[z_S, lse(z_rest) + c]``,
-    c = 0 at the start, so its |S| + 1-way softmax is the folded generalist's.
+    c = 0 at the start, so its |S| + 1-way softmax *is* the folded generalist's.
+    ``init="fitted-row"``: :func:`specialists.model.fitted_row_specialist`, the dustbin a
+    linear row fitted on the head inputs of ``x_check``.
 
     Args:
         generalist, gen_spec: the generalist model and its model.json spec.
         group: the specialist's classes S.
-        x_check: inputs on which the start is checked against the folded generalist.
+        x_check: training inputs on which the start is checked against the folded
+            generalist (and, for fitted-row, the dustbin row is fitted).
 
     Returns:
-        (model in train mode on the CPU, its model.json spec, ``{"init_max_abs_logprob_diff"}``:
+        (model in train mode on the CPU, its model.json spec, ``{"init", "init_max_abs_logprob_diff", ...}``:
         the largest |log p_specialist - log p_folded| over ``x_check``, float64 arithmetic).
     """
-    model, spec = specialist_from_generalist(generalist, gen_spec, group)
-    info = {"init_max_abs_logprob_diff": None}
+    if init not in INITS:
+        raise ConfigError(f"--init {init!r} unknown; valid: {', '.join(INITS)}")
+    info: dict = {"init": init, "init_max_abs_logprob_diff": None}
+    if init == "exact":
+        model, spec = specialist_from_generalist(generalist, gen_spec, group)
+    else:
+        feats = head_features(generalist, x_check, batch_size)
+        model, spec, fit_info = fitted_row_specialist(generalist, gen_spec, group, feats)
+        info.update(fit_info)
     if x_check is not None and len(x_check):
         spec_lp = torch.log_softmax(predict_logits(model, x_check, batch_size).double(), 1)
         gen_lp = fold_log_probs(torch.log_softmax(predict_logits(generalist, x_check, batch_size).double(), 1), group)
@@ -134,7 +146,7 @@ class DustbinCorrected(nn.Module):
 
 def train_specialist(run_dir: Path, group: list[int], generalist: nn.Module, gen_spec: dict, x, y, x_val, y_val,
                      x_test, y_test, train: TrainConfig, *, key: str, resume: bool = False, progress: bool = True,
-                     desc: str = "specialist") -> dict:
+                     desc: str = "specialist", init: str = "exact") -> dict:
     """Initialise, train and correct one specialist; write its weights, metrics and history (no manifest).
 
     Args:
@@ -145,14 +157,16 @@ def train_specialist(run_dir: Path, group: list[int], generalist: nn.Module, gen
             validation and test splits (original labels; remapped here).
         train: optimisation settings (seed included).
         key: fingerprint of the run, refused on resume if the checkpoint has another.
+        init: how it starts, ``"exact"`` or ``"fitted-row"`` (:func:`init_specialist`).
 
     Returns:
         The metrics written to metrics.json.
     """
     t0 = time.time()
-    n_check = min(len(y), INIT_CHECK_EXAMPLES)
+    n_check = min(len(y), INIT_EXAMPLES)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(train.seed))[:n_check].numpy()
-    model, spec, init_info = init_specialist(generalist, gen_spec, group, x[np.sort(pick)], train.eval_batch_size)
+    model, spec, init_info = init_specialist(generalist, gen_spec, group, x[np.sort(pick)], train.eval_batch_size,
+                                             init)
     frac_rest = float(1.0 - np.isin(y, group).mean())  # the rest's share of the true class mix
     factor = oversampling_factor(frac_rest, REST_FRACTION_IN_BATCHES)
     wrapped = DustbinCorrected(model, math.log(factor), len(group) + 1)
@@ -163,8 +177,7 @@ def train_specialist(run_dir: Path, group: list[int], generalist: nn.Module, gen
     model = wrapped.model.cpu()
     bs = train.eval_batch_size
     val_raw = predict_logits(model, x_val, bs) if len(y_val) else None  # before the correction
-    with torch.no_grad():
-        model.dustbin_bias += math.log(factor)  # the saved model is calibrated to the true mix
+    raise_dustbin(model, math.log(factor))  # the saved model is calibrated to the true mix
     metrics = {"group": list(group), **task_metrics(model, generalist, group, x_test, y_test, "test_", bs)}
     if len(y_val):
         metrics.update(task_metrics(model, generalist, group, x_val, y_val, "val_", bs))

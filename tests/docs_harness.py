@@ -45,6 +45,7 @@ EPOCHS_CAP = "1"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 SLOW = [
+    ("python bench/many_class.py", "generates 25,000 images, then runs a whole pipeline (about 2 minutes)"),
     ("kdens run ", "a whole pipeline (tens of seconds on digits, hours uncapped on Fashion-MNIST); make test "
                    "runs examples/digits.toml in tests/test_pipeline.py::test_the_readme_main_job"),
 ]
@@ -281,6 +282,8 @@ def _has(module: str) -> bool:
 def workspace(folder: Path) -> dict[str, str]:
     """Make ``folder`` a fresh place to follow the docs; returns the environment to run them with."""
     shutil.copytree(REPO / "examples", folder / "examples")
+    (folder / "bench").mkdir()
+    shutil.copy(REPO / "bench" / "many_class.py", folder / "bench")  # the README's data generator for a pipeline
     bin_dir = folder / ".bin"
     bin_dir.mkdir()
     # scripts, not symlinks: a symlinked venv python would not find its venv (pyvenv.cfg)

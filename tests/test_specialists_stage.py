@@ -22,7 +22,7 @@ from kdens.errors import ConfigError, DataError
 from kdens.models import load_model
 from kdens.train import CHECKPOINT, predict_logits
 from specialists.config import SpecialistsConfig
-from specialists.train import DustbinCorrected, fold_log_probs, half_group_sampler, init_specialist, remap_labels
+from specialists.train import fold_log_probs, half_group_sampler, remap_labels
 
 SPEC_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
 RUN_FILES = ["clusters.json", "clusters.png", "manifest.json", "metrics.json", "spec-00", "spec-01"]
@@ -126,74 +126,6 @@ def test_sampler_is_half_group_and_deterministic(digits):
         half_group_sampler(y, list(range(10)), 64)
 
 
-def test_initial_specialist_is_the_generalist(gen, digits):
-    """Item 5 of issue 17: at step 0 the specialist's |S| + 1 distribution is the folded generalist's."""
-    g_model, g_spec = load_model(gen)
-    group = [3, 5, 8]
-    model, spec, info = init_specialist(g_model, g_spec, group, digits.x_train[:300])
-    assert spec["name"] == "specialists.model:folded" and spec["num_classes"] == 4
-    assert spec["kwargs"] == {"base": "mlp", "base_classes": 10, "group": group, "base_args": g_spec["kwargs"]}
-    a, b = g_model.state_dict(), model.state_dict()
-    assert sorted(b) == sorted(["dustbin_bias"] + [f"base.{k}" for k in a])  # the whole generalist, trainable
-    assert all(torch.equal(a[k], b[f"base.{k}"]) for k in a) and float(b["dustbin_bias"]) == 0.0
-    assert all(p.requires_grad for p in model.parameters())
-    # independent check on unseen examples: fold the generalist's probabilities by hand
-    held = digits.x_test
-    p_gen = torch.softmax(predict_logits(g_model, held).double(), 1)
-    rest = [k for k in range(10) if k not in group]
-    folded = torch.cat([p_gen[:, group], p_gen[:, rest].sum(1, keepdim=True)], 1)  # (N, 4)
-    p_spec = torch.softmax(predict_logits(model, held).double(), 1)
-    assert float((p_spec - folded).abs().max()) < 1e-6
-    lp_spec = torch.log_softmax(predict_logits(model, held).double(), 1)
-    assert float((lp_spec - folded.log()).abs().max()) < 1e-5  # log-probabilities too, in float32 arithmetic
-    assert 0 <= info["init_max_abs_logprob_diff"] < 1e-5
-    # a trained copy moves away from it: the check can fail
-    with torch.no_grad():
-        model.dustbin_bias += 0.1
-    assert float((torch.softmax(predict_logits(model, held).double(), 1) - folded).abs().max()) > 1e-3
-
-
-def test_specialist_saves_and_loads_without_pickles(gen, digits, tmp_path):
-    from safetensors.torch import load_file
-
-    from kdens.errors import ModelError
-    from kdens.models import build_model, save_model
-    from specialists.model import folded
-
-    g_model, g_spec = load_model(gen)
-    model, spec, _ = init_specialist(g_model, g_spec, [1, 7])
-    with torch.no_grad():
-        model.dustbin_bias += 0.25
-        model.base.head.weight[2] *= 1.5
-    save_model(tmp_path, model, spec)
-    assert _json(tmp_path / "model.json")["name"] == "specialists.model:folded"
-    assert sorted(load_file(tmp_path / "model.safetensors")) == sorted(model.state_dict())
-    again, again_spec = load_model(tmp_path)
-    x = torch.as_tensor(digits.x_test[:50])
-    assert torch.equal(again(x), model.eval()(x)) and again_spec["kwargs"]["group"] == [1, 7]
-    with pytest.raises(ModelError, match="not 5"):
-        folded(5, (1, 8, 8), "mlp", 10, [1, 7], {"hidden": [32]})
-    with pytest.raises(ModelError, match="fewer than all"):
-        build_model("specialists.model:folded", 11, (1, 8, 8), base="mlp", base_classes=10, group=list(range(10)))
-
-
-def test_dustbin_offset_only_in_eval():
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = torch.nn.Linear(3, 4)
-
-        def forward(self, x):
-            return self.head(x)
-
-    inner = Tiny()
-    m = DustbinCorrected(inner, 1.5, 4)
-    x = torch.randn(5, 3)
-    raw = inner(x)
-    torch.testing.assert_close(m.train()(x), raw)  # training sees the paper's raw logits
-    torch.testing.assert_close(m.eval()(x), raw + torch.tensor([0, 0, 0, 1.5]))  # validation the corrected ones
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -241,37 +173,6 @@ def test_clusters_from_kmeans(gen, tmp_path, digits):
     specs = [f"spec-{i:02d}" for i in range(len(cl["groups"]))]
     assert sorted(p.name for p in out.iterdir()) == ["clusters.json", "clusters.png", "manifest.json",
                                                      "metrics.json", *specs]
-
-
-def test_dustbin_correction_is_in_the_saved_weights(gen, tmp_path, monkeypatch, digits):
-    raw = {}
-    real_fit = spec_train.fit
-
-    def spying_fit(model, *args, desc="train", **kw):
-        result = real_fit(model, *args, desc=desc, **kw)
-        raw[desc] = (model.model.dustbin_bias.detach().clone(), model.model.base.head.weight.detach().clone())
-        return result
-
-    monkeypatch.setattr(spec_train, "fit", spying_fit)
-    out = tmp_path / "corr"
-    assert _spec(gen, "--groups", "3,5,8;1,7", "--out", out).exit_code == 0
-    y = digits.y_train
-    for m, g in enumerate([[1, 7], [3, 5, 8]]):
-        sdir = out / f"spec-{m:02d}"
-        met = _json(sdir / "metrics.json")
-        f = float(np.isin(y, g, invert=True).mean())
-        factor = (f / (1 - f)) / 1.0  # the odds ratio against half-rest batches
-        assert met["frac_rest_true"] == pytest.approx(f) and met["oversampling_factor"] == pytest.approx(factor)
-        state = load_model(sdir)[0].state_dict()
-        b0, w0 = raw[sdir.name]
-        assert torch.equal(state["base.head.weight"], w0)
-        assert float(state["dustbin_bias"] - b0) == pytest.approx(math.log(factor), abs=1e-5)
-        # early stopping and val_nll are on corrected logits with the natural class mix
-        yv = remap_labels(digits.y_val, g)
-        assert met["val_nll"] == pytest.approx(M.nll(predict_logits(load_model(sdir)[0], digits.x_val).numpy(), yv),
-                                               rel=1e-6)
-        assert met["best_val_loss"] == pytest.approx(met["val_nll"], rel=1e-4)
-        assert met["val_nll_uncorrected"] != pytest.approx(met["val_nll"], rel=1e-4)
 
 
 def test_metrics_and_breakdown(run, gen, digits):

@@ -21,6 +21,9 @@ from kdens.app.cli_common import CONTEXT, RUN_KEYS, layers, run_options, train_o
               help="k-means restarts; the lowest-inertia grouping is kept [100].")
 @click.option("--top-n", type=click.IntRange(min=1),
               help="Specialists of the generalist's top-n classes take part [1].")
+@click.option("--init", type=click.Choice(["exact", "fitted-row"]),
+              help="Start exactly as the generalist restricted to the group (dustbin logit = log-sum-exp of the "
+                   "other logits), or with a linear dustbin row fitted to it [exact].")
 @click.option("--drop-unhelpful/--keep-unhelpful", default=None,
               help="Drop a specialist that does not lower the validation NLL (or loses correct answers) where it "
                    "takes part; its group is left to the generalist [drop].")
@@ -35,8 +38,9 @@ def train_specialists(**flags):
     The generalist's predictions on its validation split are clustered into groups of
     classes it confuses (clusters.json, clusters.png). Each group gets a specialist
     (spec-00 ...): the generalist's architecture with the group's classes plus a dustbin,
-    started as the generalist restricted to the group (its copy, dustbin logit = log-sum-exp
-    of the other classes' logits), trained on batches half from the group, dustbin corrected.
+    started exactly as the generalist restricted to the group (its copy, dustbin logit =
+    log-sum-exp of the other classes' logits; --init fitted-row: a fitted linear dustbin row),
+    trained on batches half from the group, dustbin corrected.
     Each specialist is then checked on the validation split as the combination uses it;
     one that does not help is dropped (--keep-unhelpful keeps it) and its group left to the
     generalist. The generalist and its active specialists are combined on the test split
@@ -77,7 +81,8 @@ def train_specialists(**flags):
     for d in m.get("dropped", []):
         click.echo(f"dropped {d['run']} (group {d['group']}): {d['reason']}; the generalist serves its group")
     cov = m["covered"]
+    covered = (f"on covered classes {cov['generalist_accuracy']:.4f} -> {cov['combined_accuracy']:.4f} "
+               f"(n={cov['count']})" if cov["count"] else "no specialist used: the combination is the generalist")
     click.echo(f"{run_dir}: generalist test_accuracy={m['generalist']['test_accuracy']:.4f}  "
-               f"combined test_accuracy={m['combined']['test_accuracy']:.4f}  "
-               f"on covered classes {cov['generalist_accuracy']:.4f} -> {cov['combined_accuracy']:.4f} "
-               f"(n={cov['count']})  train_seconds={m['train_seconds']:.1f}")
+               f"combined test_accuracy={m['combined']['test_accuracy']:.4f}  {covered}  "
+               f"train_seconds={m['train_seconds']:.1f}")
