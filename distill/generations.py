@@ -120,13 +120,15 @@ def _summary(cfg: DistillConfig, run_dir: Path, folders: list[Path]) -> dict:
                train_seconds=round(sum(r["train_seconds"] or 0 for r in rows), 3))
     b = last.get("baseline_test_errors")
     if b is not None and t0 is not None:
-        out["gap_recovered"] = (b - last["test_errors"]) / (b - t0) if b > t0 else None
+        out["gap_recovered"], why = M.gap_recovered(b, t0, last["test_errors"])
+        if why:
+            out["gap_recovered_note"] = why
     if len(folders) > 1:
         data = run_data(read_json(folders[0] / MANIFEST))
         log_p = teacher_log_probs(load_teacher(folders), data.x_test).numpy()  # (N, C): mean of the probabilities
         ens = {"members": [f.name for f in folders], "combine": "arithmetic",
                "test_accuracy": M.accuracy(log_p, data.y_test), "test_errors": M.errors(log_p, data.y_test)}
-        if b is not None and t0 is not None and b > t0:
-            ens["gap_recovered"] = (b - ens["test_errors"]) / (b - t0)
+        if b is not None and t0 is not None:
+            ens["gap_recovered"] = M.gap_recovered(b, t0, ens["test_errors"])[0]
         out["ensemble"] = ens
     return out

@@ -37,7 +37,7 @@ from kdens.errors import ConfigError, DataError, KdensError
 from kdens.evaluate import evaluate_model
 from kdens.models import build_for_data, count_params, load_model, model_spec, save_model
 from kdens.runs import check_augmentation, load_data, prepare_run_dir, run_key
-from kdens.train import CHECKPOINT, distributed, fit, predict_logits, resolve_device
+from kdens.train import CHECKPOINT, distributed, fit, predict_logits, resolve_device, schedule_metrics
 
 STUDENT_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
 
@@ -195,6 +195,7 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
     metrics = _student_metrics(student, teacher, data, cfg, result, len(x_tr), baseline, cache_info)
     if phases is not None:  # every phase counts (the hint / FSP stage trains before --epochs)
         metrics.update(phases=phases, epochs_run=sum(p["epochs_run"] for p in phases),
+                       epochs_planned=sum(p["epochs"] for p in phases),
                        train_seconds=round(sum(p["seconds"] for p in phases), 3))
     save_model(run_dir, student, mspec)  # the student alone: adapters are not part of it
     atomic_write_json(run_dir / "metrics.json", metrics)
@@ -270,8 +271,7 @@ def _student_metrics(student, teacher: Teacher | None, data: Dataset, cfg: Disti
         fix = {"bias_shift": shift, "test_errors_before_bias_fix": errors_before, "bias_fit": info}
     metrics = evaluate_model(student, data, bs)
     metrics.update(params=count_params(student), train_seconds=round(result.seconds, 3),
-                   best_epoch=result.best_epoch, epochs_run=len(result.history),
-                   stopped_early=result.stopped_early, train_examples=int(n_transfer),
+                   **schedule_metrics(result, cfg.train), train_examples=int(n_transfer),
                    method=cfg.method, method_args=dict(cfg.method_args), hint=list(cfg.hint),
                    temperature=cfg.temperature, alpha=cfg.alpha, loss=cfg.method, transfer=cfg.transfer)
     if teacher is not None:
@@ -286,8 +286,10 @@ def _student_metrics(student, teacher: Teacher | None, data: Dataset, cfg: Disti
     if baseline is not None:
         b, t, s = baseline[0], metrics.get("teacher_test_errors"), metrics["test_errors"]
         metrics["baseline_test_errors"] = b
-        # undefined when the teacher is no better than the baseline: nothing to recover
-        metrics["gap_recovered"] = (b - s) / (b - t) if t is not None and b > t else None
+        # undefined unless the teacher beats the baseline by more than the split's noise
+        metrics["gap_recovered"], why = M.gap_recovered(b, t, s)
+        if why:
+            metrics["gap_recovered_note"] = why
     metrics["soft_targets"] = ({k: cache_info[k] for k in ("online", "reused", "build_seconds")}
                                if cache_info.get("teacher", True) else None)
     return metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -71,3 +73,27 @@ def summary(scores, y, prefix: str = "") -> dict:
         f"{prefix}errors": errors(scores, y),
         f"{prefix}nll": nll(scores, y),
     }
+
+
+def gap_recovered(baseline_errors: int | None, teacher_errors: int | None,
+                  student_errors: int | None) -> tuple[float | None, str | None]:
+    """Share of the baseline-to-teacher error gap a student closed, or (None, why not).
+
+    ``(b - s) / (b - t)`` divides by the teacher's lead, so a lead inside the test split's
+    sampling noise turns a few errors either way into any ratio at all (a 6-error lead once
+    printed -57.5). The ratio is given only when the lead exceeds twice the standard error of a
+    difference of two error counts on the same split, ``2 * sqrt(b + t)`` (each count taken as
+    Poisson and the two as independent; errors of models on one split are positively
+    correlated, so this overstates the noise and errs towards "n/a"). Otherwise None with the
+    reason, in words a report can show.
+    """
+    if None in (baseline_errors, teacher_errors, student_errors):
+        return None, "needs the baseline's, the teacher's and the student's test errors"
+    b, t, s = int(baseline_errors), int(teacher_errors), int(student_errors)
+    noise = 2.0 * math.sqrt(b + t)
+    if b <= t:
+        return None, f"the teacher ({t} test errors) is not better than the baseline ({b}): nothing to recover"
+    if b - t <= noise:
+        return None, (f"the teacher's lead over the baseline ({b} - {t} = {b - t} test errors) is within "
+                      f"sampling noise (2 * sqrt({b} + {t}) = {noise:.0f})")
+    return (b - s) / (b - t), None

@@ -17,7 +17,7 @@ from kdens.data import Dataset, load_dataset
 from kdens.errors import ArtifactError, ConfigError
 from kdens.evaluate import evaluate_model
 from kdens.models import build_for_data, count_params, save_model
-from kdens.train import CHECKPOINT, TrainConfig, fit
+from kdens.train import CHECKPOINT, TrainConfig, fit, schedule_metrics
 
 DATA_DEFAULTS = {"data": "digits", "val_fraction": 0.1, "split_seed": 0, "train_fraction": 1.0, "layout": "auto",
                  "label_column": None, "test_fraction": 0.2, "image_size": None}
@@ -105,8 +105,7 @@ def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict,
                  run_key=key, progress=progress, desc=desc)
     metrics = evaluate_model(model, data, train.eval_batch_size)
     metrics.update(params=count_params(model), train_seconds=round(result.seconds, 3),
-                   best_epoch=result.best_epoch, epochs_run=len(result.history),
-                   stopped_early=result.stopped_early, train_examples=int(len(y)),
+                   **schedule_metrics(result, train), train_examples=int(len(y)),
                    training_check=result.health)
     if train.epochs_cap is not None:  # a smoke-test run: say so wherever its numbers are read
         metrics["epochs_cap"] = train.epochs_cap

@@ -43,6 +43,31 @@ class TrainResult:
     """What ``kdens.health.check_learned`` found on the kept weights (metrics: ``training_check``)."""
 
 
+def schedule_metrics(result: TrainResult, cfg: TrainConfig) -> dict:
+    """How much of its schedule a run used, for metrics.json (``early_stop_note`` reads it back)."""
+    out = {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "epochs_planned": cfg.run_epochs,
+           "stopped_early": result.stopped_early}
+    if result.stopped_early and result.history:
+        out.update(patience=cfg.patience, lr_at_stop=result.history[-1]["lr"], lr_start=cfg.resolved_lr)
+    return out
+
+
+def early_stop_note(m: dict) -> str | None:
+    """One line saying that early stopping cut a run's schedule short, or None when it did not.
+
+    A cut cosine schedule is a different (worse) run than the one asked for: the learning rate
+    never decayed. Said on the result line and in the report, not only in metrics.json.
+    """
+    if not m.get("stopped_early"):
+        return None
+    lr = m.get("lr_at_stop")
+    lr_part = (f" while the learning rate was still {lr:.3g} (of {m['lr_start']:.3g})"
+               if isinstance(lr, float) and m.get("lr_start") else "")
+    return (f"early stopping ended the run at epoch {m.get('epochs_run')} of {m.get('epochs_planned', '?')}: "
+            f"no lower validation loss for {m.get('patience', '?')} epochs{lr_part}; the best epoch "
+            f"({m.get('best_epoch')}) was kept. Leave --patience unset to run the whole schedule")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

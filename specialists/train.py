@@ -26,7 +26,7 @@ from kdens import metrics as M
 from kdens.artifacts import atomic_write_json
 from kdens.errors import ConfigError, DataError
 from kdens.models import count_params, save_model
-from kdens.train import Sampler, TrainConfig, fit, predict_logits
+from kdens.train import Sampler, TrainConfig, fit, predict_logits, schedule_metrics
 from specialists.combine import oversampling_factor
 from specialists.model import INITS, fitted_row_specialist, head_features, raise_dustbin, specialist_from_generalist
 
@@ -185,8 +185,7 @@ def train_specialist(run_dir: Path, group: list[int], generalist: nn.Module, gen
     metrics.update(frac_rest_true=frac_rest, frac_rest_batches=REST_FRACTION_IN_BATCHES,
                    oversampling_factor=factor, log_oversampling_factor=math.log(factor), **init_info,
                    params=count_params(model), train_seconds=round(result.seconds, 3),
-                   best_epoch=result.best_epoch, best_val_loss=result.best_val_loss, epochs_run=len(result.history),
-                   stopped_early=result.stopped_early, train_examples=len(y),
+                   best_val_loss=result.best_val_loss, **schedule_metrics(result, train), train_examples=len(y),
                    group_train_examples=int(np.isin(y, group).sum()), wall_seconds=round(time.time() - t0, 3))
     save_model(run_dir, model, spec)
     atomic_write_json(run_dir / "metrics.json", metrics)

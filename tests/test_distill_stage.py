@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from distill.config import DistillConfig
+from kdens import metrics as M
 from kdens.artifacts import sha256_file
 from kdens.app.cli import KdensGroup
 from kdens.app.cli_distill import distill_cmd as distill
@@ -71,7 +72,9 @@ def test_student_files_metrics_and_cache(runs, tmp_path):
     assert m["teacher_test_errors"] == _json(runs["gen0"] / "metrics.json")["test_errors"]
     assert m["baseline_test_errors"] == _json(runs["base"] / "metrics.json")["test_errors"]
     b, t, s = m["baseline_test_errors"], m["teacher_test_errors"], m["test_errors"]
-    assert b > t and m["gap_recovered"] == pytest.approx((b - s) / (b - t))
+    gap, why = M.gap_recovered(b, t, s)
+    assert b > t and m["gap_recovered"] == (None if gap is None else pytest.approx((b - s) / (b - t)))
+    assert m.get("gap_recovered_note") == why
     assert m["soft_targets"]["reused"] is False and m["soft_targets"]["online"] is False
     assert len(_json(out / "history.json")) == m["epochs_run"] == 4
 

@@ -29,7 +29,7 @@ def train_options(f):
         click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True),
                      help="Clip the gradient's global L2 norm to this [off]; use it for distillation at high T."),
         click.option("--jitter", type=click.IntRange(min=0), help="Random translation, pixels [0]."),
-        click.option("--patience", type=click.IntRange(min=1), help="Early-stopping patience, epochs [10]."),
+        click.option("--patience", type=click.IntRange(min=1), help="Stop after N epochs without a lower validation loss [off: every epoch runs, the best is kept]."),
         click.option("--device", type=str, help="auto, cpu or cuda [auto]."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [on]."),
         click.option("--seed", type=int, help="Seed for init, shuffling, jitter, dropout [0]."),
@@ -114,7 +114,17 @@ def layers(config_file: Path | None, names: tuple[str, ...], flags: dict) -> tup
 def print_metrics(run_dir: Path, keys=("test_accuracy", "test_errors", "val_accuracy", "train_seconds")):
     from kdens.artifacts import read_json
 
+    from kdens.train import early_stop_note
+
     m = read_json(run_dir / "metrics.json")
-    shown = "  ".join(f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}"
-                      for k in keys if k in m)
-    click.echo(f"{run_dir}: {shown}")
+
+    def value(k):
+        if k == "gap_recovered" and m.get(k) is None and m.get("gap_recovered_note"):
+            return "n/a"
+        return f"{m[k]:.4f}" if isinstance(m.get(k), float) else m.get(k)
+    click.echo(f"{run_dir}: " + "  ".join(f"{k}={value(k)}" for k in keys if k in m))
+    if "gap_recovered" in keys and m.get("gap_recovered_note"):
+        click.echo(f"gap_recovered n/a: {m['gap_recovered_note']}")
+    note = early_stop_note(m)
+    if note:
+        click.echo(f"note: {note}")

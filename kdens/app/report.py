@@ -122,6 +122,10 @@ def _main_metrics(s: StageView) -> tuple[str, str, str, str]:
                 f"{pct(m.get('generalist', {}).get('test_accuracy'))}")
     else:
         note = f"{fmt(m.get('epochs_run'))} epoch{'' if m.get('epochs_run') == 1 else 's'}"
+        if m.get("stopped_early"):  # a cut schedule is a different run from the one asked for: say so
+            lr = m.get("lr_at_stop")
+            note += (f" of {fmt(m.get('epochs_planned'))} (stopped early"
+                     + (f", lr still {lr:.2g}" if isinstance(lr, float) else "") + ")")
         if s.kind == "student":
             note += f", teacher {s.entry.get('teacher', '-')}"
     return pct(m.get("test_accuracy")), fmt(m.get("test_errors")), count(params), note

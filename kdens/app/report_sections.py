@@ -222,13 +222,15 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
             b = (base.metrics or {}).get("test_errors")
         t, e = m.get("teacher_test_errors"), m.get("test_errors")
         gap = m.get("gap_recovered")
-        if gap is None and None not in (b, t, e) and b > t:
-            gap = (b - e) / (b - t)  # share of the baseline-to-teacher error gap the soft targets closed
+        why = m.get("gap_recovered_note")
+        if gap is None and why is None:  # a run from before the note: compute it here
+            gap, why = M.gap_recovered(b, t, e)
+        gap_cell = pct(gap, 1) if gap is not None else ("n/a (lead within noise)" if why and "noise" in why else "-")
         tparams = total_params(teacher) if teacher is not None and teacher.usable else None
         rows.append([s.name, teacher.name if teacher else str(s.entry.get("teacher", "-")),
                      f"{fmt(t)} ({pct(m.get('teacher_test_accuracy'))})",
                      f"{fmt(b)} ({base.name})" if b is not None and base is not None else fmt(b),
-                     f"{fmt(e)} ({pct(m.get('test_accuracy'))})", pct(gap, 1), pct(m.get("teacher_agreement")),
+                     f"{fmt(e)} ({pct(m.get('test_accuracy'))})", gap_cell, pct(m.get("teacher_agreement")),
                      fmt(m.get("temperature")), fmt(m.get("alpha")), str(m.get("loss", "-")),
                      str(m.get("transfer", "-")), f"{count(tparams)} -> {count(m.get('params'))}"])
     if not rows:
@@ -237,7 +239,8 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
         ["student", "teacher", "teacher errors (acc.)", "hard-label baseline errors", "distilled errors (acc.)",
          "gap recovered", "agreement with teacher", "T", "alpha", "loss", "transfer", "params teacher -> student"],
         rows, note="Errors are counted on the test set. Gap recovered = (baseline - distilled) / (baseline - "
-                   "teacher) errors; agreement = share of test examples where student and teacher pick the "
+                   "teacher) errors, shown only when the teacher's lead b - t exceeds 2 * sqrt(b + t) errors (twice "
+                   "the sampling noise of the difference; n/a otherwise); agreement = share of test examples where student and teacher pick the "
                    "same class.")])
 
 
