@@ -54,7 +54,7 @@ def _matches(recorded: dict, cfg: DistillConfig) -> bool:
     (settings left to defaults, like data, were resolved by that run; the device never counts)."""
     want = json.loads(to_json(to_dict(cfg)))
     for key, value in want.items():
-        if key in ("cache_dir",) or value is None:
+        if key in ("cache_dir", "feature_cache_mb") or value is None:  # where and how fast, not what
             continue
         if key == "train":
             got = {k: v for k, v in (recorded.get("train") or {}).items() if k != "device"}
