@@ -119,7 +119,7 @@ def check_interrupted(run_dir: Path, phases: list[Phase], resume: bool, force: b
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup, store: FeatureStore | None):
+def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup, store: FeatureStore | None = None):
     teacher_device = _device(setup.teacher)
 
     def loss_fn(logits: Tensor, xb: Tensor, yb: Tensor | None, idx: Tensor) -> Tensor:
