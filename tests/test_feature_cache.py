@@ -169,3 +169,14 @@ def test_a_failed_disk_build_leaves_no_cache(tmp_path):
             want = teacher(torch.from_numpy(x[idx.numpy()]))
         torch.testing.assert_close(logits, want)
         torch.testing.assert_close(feats[0], setup.teacher_tap.take()[0])
+
+
+def test_the_budget_is_a_place_setting_and_the_report_names_the_path():
+    """A budget says where the features live, not what the student learns: kdens run keys leave it out."""
+    from kdens.app.pipeline import normalize
+    from kdens.app.report_sections import _loss
+
+    cfg = {"teacher": "t", "method": "fitnets", "feature_cache_mb": 5.0, "train": {"epochs": 2}}
+    assert normalize(cfg, None) == {"teacher": "t", "method": "fitnets", "train": {"epochs": 2}}
+    assert _loss({"loss": "fitnets", "teacher_features": "disk"}) == "fitnets (teacher features: disk)"
+    assert _loss({"loss": "kd"}) == "kd"
