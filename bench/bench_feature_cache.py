@@ -39,7 +39,8 @@ def _student(teacher: Path, out: Path, cache: Path, budget, args) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     info = json.loads((out / "manifest.json").read_text())["features"]["teacher_features"]
     epochs = sum(p["epochs_run"] for p in m["phases"])
-    return {"budget": budget, "path": m["teacher_features"], "reused": info["reused"], "mb": round(info["bytes"] / 2**20, 1),
+    return {"budget": budget, "path": m["teacher_features"], "reused": info["reused"],
+            "mb": round(info["bytes"] / 2**20, 1),
             "seconds_per_epoch": round(sum(p["seconds"] for p in m["phases"]) / epochs, 3),
             "phases": {p["phase"]: round(p["seconds"] / p["epochs_run"], 3) for p in m["phases"]},
             "features_seconds": info["build_seconds"], "wall_seconds": round(wall, 2), "epochs": epochs,
@@ -60,7 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         gcfg = build(GeneralistConfig, {"model": "mlp", "data": args.data, "model_args": {"hidden": [1200, 1200]},
-                                        "epochs": 1, "patience": None, "device": "cpu", "train_fraction": args.fraction})
+                                        "epochs": 1, "patience": None, "device": "cpu",
+                                        "train_fraction": args.fraction})
         teacher = generalist.run(gcfg, work / "teacher", progress=False)
         rows = [_student(teacher, work / name, work / "cache", budget, args)
                 for name, budget in (("online", 0.0), ("memory", "auto"), ("disk", 1.0), ("disk-again", 1.0))]
@@ -72,8 +74,8 @@ def main() -> None:
             "command": f".venv/bin/python bench/bench_feature_cache.py --data {args.data} --fraction {args.fraction} "
                        f"--epochs {args.epochs} --threads {args.threads} --out {args.out}"}
     atomic_write_json(args.out, {**meta, "rows": rows})
-    lines = ["| path | budget (MB) | features (MB) | reused | s / epoch | hints s/ep | kd s/ep | features built (s) | "
-             "speedup | test errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| path | budget (MB) | features (MB) | reused | s / epoch | hints s/ep | kd s/ep | features built (s) | "
+              "speedup | test errors |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['path']} | {r['budget']} | {r['mb']} | {r['reused']} | {r['seconds_per_epoch']} | "
                      f"{r['phases'].get('hints')} | {r['phases'].get('kd')} | {r['features_seconds']} | "

@@ -146,7 +146,8 @@ def _check_generation_manifest(run_dir: Path, manifest: dict, name: str) -> None
     recorded = [d for k, d in (manifest.get("inputs") or {}).items() if Path(k).parts[-2:] == (name, MANIFEST)]
     if recorded and path.is_file() and sha256_file(path) not in recorded:
         raise ArtifactError(f"{path} differs from the sha256 {run_dir / MANIFEST} records for it (the generation "
-                            "was retrained or edited after the summary); rerun kdens distill --generations (with --force)")
+                            "was retrained or edited after the summary); rerun kdens distill --generations "
+                            "(with --force)")
 
 
 def evaluate_generations(run_dir: Path, manifest: dict) -> dict:

@@ -1,4 +1,7 @@
-"""Training a student with a feature method: the teacher online, hooks on both networks, adapters, phases.
+"""Training a student with a feature method: hooks on both networks, adapters, phases.
+
+The teacher answers each batch online, or from its logits and hint features computed once
+over the transfer set when no augmentation changes the inputs (``distill.feature_cache``).
 
 ``prepare`` resolves the ``--hint`` points on both networks (a ConfigError naming the
 module otherwise), runs one probe batch to learn the shapes there, lets the method refuse

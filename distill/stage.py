@@ -2,8 +2,9 @@
 
 Reads the teacher run folder(s), picks the transfer set, and trains with
 ``kdens.train.fit`` and the method's loss: logit methods read the teacher's scores from
-the soft-target cache (online under jitter), feature methods run the teacher online with
-hooks on both networks (``distill.online``), ``tfkd-virtual`` needs no teacher. Then it
+the soft-target cache (online under jitter), feature methods read the teacher's hidden layers
+with hooks on both networks (``distill.online``; its features computed once under a memory
+budget, ``distill.feature_cache``, online under jitter), ``tfkd-virtual`` needs no teacher. Then it
 optionally fixes the omitted classes' biases and writes ``model.safetensors``,
 ``model.json``, ``metrics.json``, ``history.json`` and ``manifest.json`` (last) into the
 student's folder. ``--generations N`` chains students (``distill.generations``).

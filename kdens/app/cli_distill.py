@@ -52,7 +52,8 @@ def distill_cmd(**flags):
     Logit methods (kd, soft, logits, dkd, dist, lskd, tfkd-self) read the teacher's scores over
     the transfer set, computed once and cached: a second student with another T, method or
     architecture reuses them (with --jitter the teacher runs online instead). Feature methods
-    (fitnets, fsp, rkd) run the teacher online and match hidden layers (--hint). tfkd-virtual
+    (fitnets, fsp, rkd) match hidden layers (--hint); without --jitter the teacher's features are
+    computed once, kept in memory or on disk by --feature-cache-mb. tfkd-virtual
     needs no teacher. --data, --val-fraction and --split-seed default to the teacher's own
     (from its manifest), not to digits; --model defaults to a single-model teacher's architecture.
 
