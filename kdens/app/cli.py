@@ -80,7 +80,7 @@ def evaluate(run_dir: Path, out: Path | None, as_json: bool):
     \b
     Example:
       kdens evaluate runs/d/generalist --out eval.json
-      kdens evaluate runs/d/born-again
+      kdens evaluate runs/fm/born-again
     """
     from kdens.app.stages import evaluate_run, evaluation_lines
 
