@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Union
 
+from distill.feature_cache import parse_budget
 from distill.methods import LOSS_ALIASES, method_class
 from distill.methods.hints import parse_hints
 from distill.transfer import TransferSpec, parse_transfer
@@ -60,6 +62,10 @@ class DistillConfig:
     """A hard-label run of the same student, to report the share of the teacher gap recovered."""
     cache_dir: str | None = None
     """Soft-target cache folder; default: a 'soft_targets' folder beside --out."""
+    feature_cache_mb: Union[float, str] = "auto"  # noqa: UP007 (config.build type-checks 'float ...' / 'str ...')
+    """Feature methods: memory budget (MB) for the teacher's logits and hint features, computed once when there is
+    no --jitter: held in memory when they fit, else a memory-mapped .npy in --cache-dir; 0 runs the teacher online
+    every batch; 'auto' is a quarter of the free memory."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings (flat keys: epochs, lr, jitter, ...)."""
 
@@ -74,6 +80,8 @@ class DistillConfig:
             raise ConfigError(f"--method {self.method} needs --teacher (a run folder, or several joined by commas); "
                               "only tfkd-virtual trains without one")
         self._resolve_hints()
+        # a number from a config file, a string from the flag, None when unset
+        self.feature_cache_mb = parse_budget("auto" if self.feature_cache_mb is None else self.feature_cache_mb)
         if self.generations is not None:
             if isinstance(self.generations, bool) or int(self.generations) < 1:
                 raise ConfigError(f"--generations {self.generations} must be an integer >= 1")

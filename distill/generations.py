@@ -27,8 +27,12 @@ from typing import Callable
 from distill.config import DistillConfig
 from distill.teachers import load_teacher, teacher_log_probs
 from kdens import metrics as M
-from kdens.artifacts import MANIFEST, atomic_write_json, read_json, sha256_file, to_json, write_manifest
+from kdens.artifacts import (MANIFEST, atomic_write_json, read_json, read_manifest, sha256_file, to_json,
+                             write_manifest)
 from kdens.config import to_dict
+from kdens.errors import ArtifactError
+from kdens.evaluate import evaluate_model
+from kdens.models import load_model
 from kdens.runs import data_config, prepare_run_dir, run_data, sub_run_plan
 from kdens.train import distributed
 
@@ -54,7 +58,7 @@ def _matches(recorded: dict, cfg: DistillConfig) -> bool:
     (settings left to defaults, like data, were resolved by that run; the device never counts)."""
     want = json.loads(to_json(to_dict(cfg)))
     for key, value in want.items():
-        if key in ("cache_dir",) or value is None:
+        if key in ("cache_dir", "feature_cache_mb") or value is None:  # where and how fast, not what
             continue
         if key == "train":
             got = {k: v for k, v in (recorded.get("train") or {}).items() if k != "device"}
@@ -132,3 +136,65 @@ def _summary(cfg: DistillConfig, run_dir: Path, folders: list[Path]) -> dict:
             ens["gap_recovered"] = M.gap_recovered(b, t0, ens["test_errors"])[0]
         out["ensemble"] = ens
     return out
+
+
+def _check_generation_manifest(run_dir: Path, manifest: dict, name: str) -> None:
+    """``name``'s manifest must be the one the summary was made from (``inputs`` records its sha256).
+
+    Inputs are keyed by the path the run was given (relative or absolute), so they are matched by
+    their last two parts; a renamed --out still finds them, an edited manifest does not.
+    """
+    path = run_dir / name / MANIFEST
+    recorded = [d for k, d in (manifest.get("inputs") or {}).items() if Path(k).parts[-2:] == (name, MANIFEST)]
+    if recorded and path.is_file() and sha256_file(path) not in recorded:
+        raise ArtifactError(f"{path} differs from the sha256 {run_dir / MANIFEST} records for it (the generation "
+                            "was retrained or edited after the summary); rerun kdens distill --generations "
+                            "(with --force)")
+
+
+def evaluate_generations(run_dir: Path, manifest: dict) -> dict:
+    """``kdens evaluate`` of a generations folder: every generation and their ensemble, from the saved models.
+
+    Each generation's manifest is checked against the summary's record of it and its files against
+    their hashes (``read_manifest``) before its model is loaded; a damaged folder raises ArtifactError
+    naming the file. The numbers are those ``metrics.json`` recorded, recomputed: each generation as
+    ``kdens evaluate`` of a student, the ensemble as the arithmetic mean of the generations' probabilities.
+    """
+    run_dir = Path(run_dir)
+    names = manifest.get("generations") or []
+    if not names:
+        raise ArtifactError(f"{run_dir / MANIFEST} lists no generations; rerun kdens distill --generations")
+    recorded = read_json(run_dir / "metrics.json")
+    summary = {r.get("run"): r for r in recorded.get("generations") or []}
+    folders, rows, data = [run_dir / n for n in names], [], None
+    for k, folder in enumerate(folders, start=1):
+        _check_generation_manifest(run_dir, manifest, folder.name)
+        m = read_manifest(folder, "student")
+        model, spec = load_model(folder)
+        data = data if data is not None else run_data(m)
+        rows.append({"generation": k, "run": folder.name, "model": spec["name"], **evaluate_model(model, data),
+                     "recorded_test_errors": summary.get(folder.name, {}).get("test_errors")})
+    out = {"stage": "generations", "run": str(run_dir), "generations": rows}
+    if len(folders) > 1:  # the summary's ensemble: the paper's BAN ensemble, a teacher of its own
+        log_p = teacher_log_probs(load_teacher(folders), data.x_test).numpy()  # (N, C)
+        out["ensemble"] = {"members": list(names), "combine": "arithmetic",
+                           "test_accuracy": M.accuracy(log_p, data.y_test), "test_errors": M.errors(log_p, data.y_test),
+                           "test_nll": M.nll(log_p, data.y_test),
+                           "recorded_test_errors": (recorded.get("ensemble") or {}).get("test_errors")}
+    return out
+
+
+def evaluation_lines(result: dict) -> list[str]:
+    """``kdens evaluate``'s lines for a generations folder: one per generation, then the ensemble."""
+    def line(label: str, r: dict) -> str:
+        text = f"{label}: test_accuracy={r['test_accuracy']:.4f}  test_errors={r['test_errors']}  " \
+               f"test_nll={r['test_nll']:.4f}"
+        rec = r.get("recorded_test_errors")
+        # the summary's number is shown only where the saved models no longer give it
+        return text + (f"  (metrics.json recorded test_errors={rec})" if rec is not None and rec != r["test_errors"]
+                       else "")
+
+    lines = [line(f"{result['run']}/{r['run']}", r) for r in result["generations"]]
+    if "ensemble" in result:
+        lines.append(line(f"ensemble of {len(result['ensemble']['members'])} generations", result["ensemble"]))
+    return lines

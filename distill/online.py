@@ -1,4 +1,7 @@
-"""Training a student with a feature method: the teacher online, hooks on both networks, adapters, phases.
+"""Training a student with a feature method: hooks on both networks, adapters, phases.
+
+The teacher answers each batch online, or from its logits and hint features computed once
+over the transfer set when no augmentation changes the inputs (``distill.feature_cache``).
 
 ``prepare`` resolves the ``--hint`` points on both networks (a ConfigError naming the
 module otherwise), runs one probe batch to learn the shapes there, lets the method refuse
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distill.feature_cache import FeatureStore
 from distill.methods import FeatureBatch, FeatureMethod, Phase
 from distill.methods.hints import Hint, Tap, parse_hints
 from kdens.errors import ArtifactError
@@ -51,6 +55,8 @@ class FeatureSetup:
     student_tap: Tap
     teacher_shapes: list[tuple]
     student_shapes: list[tuple]
+    teacher_classes: int
+    """Width of the teacher's logits (the feature cache holds them beside the hints)."""
 
     def describe(self) -> dict:
         return {"hints": [str(h) for h in self.hints],
@@ -88,7 +94,7 @@ def prepare(method: FeatureMethod, teacher: nn.Module, student: nn.Module, hint_
     was_training = student.training
     student.eval()
     with torch.no_grad():
-        teacher(x.to(_device(teacher)))
+        t_logits = teacher(x.to(_device(teacher)))
         student(x.to(_device(student)))
     student.train(was_training)
     t_shapes = [tuple(t.shape[1:]) for t in t_tap.take()]
@@ -97,7 +103,8 @@ def prepare(method: FeatureMethod, teacher: nn.Module, student: nn.Module, hint_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)  # adapters draw from their own stream: the student's init is unchanged
         adapters = method.adapters(t_shapes, s_shapes)
-    return FeatureSetup(hints, teacher, Trainee(student, adapters), t_tap, s_tap, t_shapes, s_shapes)
+    return FeatureSetup(hints, teacher, Trainee(student, adapters), t_tap, s_tap, t_shapes, s_shapes,
+                        int(t_logits.shape[1]))
 
 
 def phase_dirs(run_dir: Path, phases: list[Phase]) -> list[Path]:
@@ -115,7 +122,7 @@ def check_interrupted(run_dir: Path, phases: list[Phase], resume: bool, force: b
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup):
+def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup, store: FeatureStore | None = None):
     teacher_device = _device(setup.teacher)
 
     def loss_fn(logits: Tensor, xb: Tensor, yb: Tensor | None, idx: Tensor) -> Tensor:
@@ -123,7 +130,9 @@ def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup):
         student_feats = [f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
                          for f in setup.student_tap.take()]
         teacher_logits, teacher_feats = None, []
-        if phase.needs_teacher:
+        if phase.needs_teacher and store is not None:  # no augmentation: rows of the features computed once
+            teacher_logits, teacher_feats = store.rows(idx)
+        elif phase.needs_teacher:
             with torch.no_grad():  # the teacher sees the batch the student saw (after jitter)
                 teacher_logits = setup.teacher(xb.to(teacher_device)).float().to(logits.device)  # (B, C)
             teacher_feats = [t.to(logits.device) for t in setup.teacher_tap.take()]
@@ -134,8 +143,12 @@ def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup):
 
 
 def train(method: FeatureMethod, setup: FeatureSetup, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, run_dir: Path,
-          *, resume: bool, run_key: str, progress: bool) -> tuple[TrainResult, list[dict]]:
+          *, resume: bool, run_key: str, progress: bool,
+          store: FeatureStore | None = None) -> tuple[TrainResult, list[dict]]:
     """Run the method's phases; the student (``setup.trainee.student``) ends with the last phase's best weights.
+
+    ``store`` holds the teacher's logits and hint features over ``x_tr`` (``distill.feature_cache``);
+    None runs the teacher online on every batch.
 
     Returns:
         (the last phase's TrainResult, one summary per phase: name, epochs, epochs run, seconds).
@@ -147,7 +160,7 @@ def train(method: FeatureMethod, setup: FeatureSetup, x_tr, y_tr, x_val, y_val, 
         pcfg = dataclasses.replace(cfg, epochs=phase.epochs, patience=cfg.patience if phase.validate else None)
         method.set_phase(phase.name)
         result = fit(setup.trainee, x_tr, y_tr, x_val if phase.validate else None,
-                     y_val if phase.validate else None, pcfg, loss_fn=_loss_fn(method, phase, setup),
+                     y_val if phase.validate else None, pcfg, loss_fn=_loss_fn(method, phase, setup, store),
                      ckpt_dir=ckpt, resume=resume, run_key=f"{run_key}:{i}:{phase.name}", progress=progress,
                      desc=f"student ({phase.name})" if len(phases) > 1 else "student",
                      on_epoch=lambda e, n=phase.epochs: method.set_epoch(e, n))

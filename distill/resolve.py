@@ -48,7 +48,7 @@ def check_teacher(method: Method, teacher: Teacher | None, spec: str | None, wor
         raise ConfigError(f"--method {method.name} {why}, so --teacher must be {SINGLE_MODEL}; {spec} is "
                           f"{_kind(teacher)}, which has no single set of modules; {instead}")
     if method.features and world > 1:
-        raise ConfigError(f"--method {method.name} runs the teacher online with hooks in one process; "
+        raise ConfigError(f"--method {method.name} reads the teacher's hidden layers with hooks in one process; "
                           "run it without torchrun (logit methods train under DDP)")
 
 

@@ -2,8 +2,9 @@
 
 Reads the teacher run folder(s), picks the transfer set, and trains with
 ``kdens.train.fit`` and the method's loss: logit methods read the teacher's scores from
-the soft-target cache (online under jitter), feature methods run the teacher online with
-hooks on both networks (``distill.online``), ``tfkd-virtual`` needs no teacher. Then it
+the soft-target cache (online under jitter), feature methods read the teacher's hidden layers
+with hooks on both networks (``distill.online``; its features computed once under a memory
+budget, ``distill.feature_cache``, online under jitter), ``tfkd-virtual`` needs no teacher. Then it
 optionally fixes the omitted classes' biases and writes ``model.safetensors``,
 ``model.json``, ``metrics.json``, ``history.json`` and ``manifest.json`` (last) into the
 student's folder. ``--generations N`` chains students (``distill.generations``).
@@ -12,13 +13,14 @@ student's folder. ``--generations N`` chains students (``distill.generations``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distill import online
+from distill import feature_cache, online
 from distill.cache import cache_key
 from distill.config import DistillConfig
 from distill.loop import (agree, cached_loss_fn, cached_targets, init_distributed, online_loss_fn, output_head,
@@ -178,10 +180,15 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     phases = None
-    if features is not None:  # feature methods: the teacher runs online on every batch
-        cache_info = {"online": True, "reused": False, "build_seconds": 0.0, "key": None, "soft_temperature": None}
+    feature_info = None
+    if features is not None:  # feature methods: the teacher's features computed once, or online every batch
+        store, feature_info = _teacher_features(features, cfg, data, spec, x_tr, transfer_info, hashes, device)
+        cache_info = {"online": store is None, "reused": feature_info["reused"],
+                      "build_seconds": feature_info["build_seconds"], "key": feature_info["key"],
+                      "soft_temperature": None}
+        # the path taken stays out of the run key: memory, disk and online train the same student
         result, phases = online.train(method, features, x_tr, y_tr, data.x_val, data.y_val, cfg.train, run_dir,
-                                      resume=resume, run_key=run_key(*rkey_parts), progress=progress)
+                                      resume=resume, run_key=run_key(*rkey_parts), progress=progress, store=store)
         student = features.trainee.student
     else:
         loss_fn, cache_info = _logit_loss_fn(method, teacher, cfg, data, spec, x_tr, transfer_info, hashes,
@@ -193,6 +200,8 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         return run_dir
 
     metrics = _student_metrics(student, teacher, data, cfg, result, len(x_tr), baseline, cache_info)
+    if feature_info is not None:
+        metrics["teacher_features"] = feature_info["path"]
     if phases is not None:  # every phase counts (the hint / FSP stage trains before --epochs)
         metrics.update(phases=phases, epochs_run=sum(p["epochs_run"] for p in phases),
                        epochs_planned=sum(p["epochs"] for p in phases),
@@ -207,7 +216,7 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
              "teacher_manifest_hashes": hashes, "transfer": transfer_info, "soft_targets": cache_info,
              "world_size": world, "resumed_from_epoch": result.resumed_from_epoch, **notes}
     if features is not None:
-        extra["features"] = features.describe()
+        extra["features"] = {**features.describe(), "teacher_features": feature_info}
     write_manifest(run_dir, stage="student", config=to_dict(cfg), inputs=inputs,
                    data_fingerprint=data.fingerprint, seed=cfg.train.seed,
                    wall_seconds=round(time.time() - t0, 3), metrics=metrics, extra=extra)
@@ -246,6 +255,22 @@ def _logit_loss_fn(method, teacher: Teacher | None, cfg: DistillConfig, data: Da
         "online": False, "reused": bool(info["reused"]), "soft_temperature": soft_t,
         "build_seconds": round(float(info["build_seconds"]), 3), "load_seconds": round(float(info["seconds"]), 3),
         "key": key, "path": info["path"]}
+
+
+def _teacher_features(features: online.FeatureSetup, cfg: DistillConfig, data: Dataset, spec: TransferSpec,
+                      x_tr: np.ndarray, transfer_info: dict, hashes: list, device):
+    """A feature method's teacher: its logits and hint features over the transfer set (``distill.feature_cache``),
+    or (None, info) to run it online every batch."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x_tr).tobytes())  # the transfer set itself: a MUNGE set depends on its seed too
+    extra = {"kind": "teacher_features", "hints": [str(hint.teacher) for hint in features.hints],
+             "inputs_sha256": h.hexdigest(), "unlabeled_sha256": transfer_info.get("sha256")}
+    key = cache_key(hashes, data.fingerprint, str(spec), extra)
+    meta = {"teacher_manifest_hashes": hashes, "data_fingerprint": data.fingerprint, "transfer": str(spec),
+            "hints": extra["hints"], "inputs_sha256": extra["inputs_sha256"]}
+    return feature_cache.provide(features, x_tr, setting=cfg.feature_cache_mb, jitter=cfg.train.jitter,
+                                 cache_dir=Path(cfg.cache_dir), key=key, device=device,
+                                 batch_size=cfg.train.eval_batch_size, meta=meta)
 
 
 def _build_student(cfg: DistillConfig, data: Dataset):

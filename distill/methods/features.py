@@ -2,9 +2,10 @@
 
 A feature method reads the teacher's and the student's activations at the ``--hint``
 points (``distill.methods.hints``), so it needs a teacher that is one network (a generalist
-or student run), run online on every batch. It may train in several phases (``phases``),
-each with its own loss (``feature_loss``), and may train adapters beside the student
-(``adapters``: FitNets' regressors) that are dropped before the student is saved.
+or student run), run on every batch or once over the transfer set (``distill.feature_cache``).
+It may train in several phases (``phases``), each with its own loss (``feature_loss``), and may
+train adapters beside the student (``adapters``: FitNets' regressors) that are dropped before
+the student is saved.
 """
 
 from __future__ import annotations

@@ -69,21 +69,28 @@ def cli():
 @cli.command("evaluate", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the JSON here.")
-def evaluate(run_dir: Path, out: Path | None):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON for a generations folder too (it prints one line per generation and the ensemble).")
+def evaluate(run_dir: Path, out: Path | None, as_json: bool):
     """Evaluate a trained run folder on its test split and print JSON.
+
+    A generations folder (kdens distill --generations N) prints one line per generation and one
+    for their ensemble, recomputed from the saved models after their hashes are checked.
 
     \b
     Example:
       kdens evaluate runs/d/generalist --out eval.json
+      kdens evaluate runs/fm/born-again
     """
-    from kdens.app.stages import evaluate_run
+    from kdens.app.stages import evaluate_run, evaluation_lines
 
     result = evaluate_run(run_dir)
     text = json.dumps(result, indent=2)
     if out:
         from kdens.artifacts import atomic_write_text
         atomic_write_text(out, text + "\n")
-    click.echo(text)
+    lines = None if as_json else evaluation_lines(result)
+    click.echo("\n".join(lines) if lines is not None else text)
 
 
 def _register() -> None:

@@ -41,6 +41,9 @@ from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model
               help="Hard-label run of the same student; reports gap_recovered.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Soft-target cache folder [a soft_targets folder beside --out].")
+@click.option("--feature-cache-mb", type=str, metavar="MB|auto",
+              help="Feature methods without --jitter: keep the teacher's hint features in memory up to MB, else "
+                   "memory-mapped in --cache-dir; 0 runs the teacher online [auto: a quarter of free memory].")
 @train_options
 @run_options
 def distill_cmd(**flags):
@@ -49,7 +52,8 @@ def distill_cmd(**flags):
     Logit methods (kd, soft, logits, dkd, dist, lskd, tfkd-self) read the teacher's scores over
     the transfer set, computed once and cached: a second student with another T, method or
     architecture reuses them (with --jitter the teacher runs online instead). Feature methods
-    (fitnets, fsp, rkd) run the teacher online and match hidden layers (--hint). tfkd-virtual
+    (fitnets, fsp, rkd) match hidden layers (--hint); without --jitter the teacher's features are
+    computed once, kept in memory or on disk by --feature-cache-mb. tfkd-virtual
     needs no teacher. --data, --val-fraction and --split-seed default to the teacher's own
     (from its manifest), not to digits; --model defaults to a single-model teacher's architecture.
 
@@ -86,8 +90,13 @@ def distill_cmd(**flags):
                        f"(usable as --teacher {run_dir})")
         return
     # how the soft targets were had comes first (it happened first): the result line ends the output
-    soft = read_json(run_dir / "metrics.json").get("soft_targets") or {}
-    if soft and not soft.get("online"):
+    metrics = read_json(run_dir / "metrics.json")
+    soft = metrics.get("soft_targets") or {}
+    if metrics.get("teacher_features"):
+        click.echo(f"teacher features: {metrics['teacher_features']} "
+                   f"({'reused' if soft.get('reused') else 'built'} in {soft.get('build_seconds', 0):.2f}s)"
+                   if metrics["teacher_features"] != "online" else "teacher features: online (every batch)")
+    elif soft and not soft.get("online"):
         click.echo(f"soft targets: {'reused' if soft.get('reused') else 'built'} "
                    f"(build {soft.get('build_seconds', 0):.2f}s)")
     print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",

@@ -57,8 +57,9 @@ def product(plan: Plan, stage: Stage) -> Path:
 
 # Settings that say where or how fast a stage runs, not what it makes: left out of keys so
 # that an experiment moved to another machine (another device, another core count, another
-# home folder for the tflite-runtime venv) reuses what it finished.
-_PLACE_KEYS = {"device", "tflite_runtime_venv"}
+# home folder for the tflite-runtime venv, another memory budget for cached teacher features)
+# reuses what it finished.
+_PLACE_KEYS = {"device", "tflite_runtime_venv", "feature_cache_mb"}
 
 
 def normalize(value, root: Path | None):

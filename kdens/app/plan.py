@@ -41,7 +41,8 @@ TOP_KEYS = ("name", "out", "pythonpath", "data", "generalist", "ensemble", "spec
 TEACHER_STAGES = ("generalist", "ensemble", "specialists")
 _DATA_KEYS = ("data", "val_fraction", "split_seed")
 _STUDENT_ONLY = ("teacher", "temperature", "alpha", "loss", "method", "method_args", "hint", "generations",
-                 "transfer", "fix_bias", "baseline", "cache_dir", "data", "val_fraction", "split_seed")
+                 "transfer", "fix_bias", "baseline", "cache_dir", "feature_cache_mb", "data", "val_fraction",
+                 "split_seed")
 _DEPLOY_KEYS = ("quantize", "batch_sizes", "threads", "calib_size", "io", "max_latency_ms", "max_accuracy_drop",
                 "seed", "tflite_runtime_venv", "min_agreement", "sweep")
 

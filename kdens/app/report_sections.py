@@ -231,7 +231,7 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
                      f"{fmt(t)} ({pct(m.get('teacher_test_accuracy'))})",
                      f"{fmt(b)} ({base.name})" if b is not None and base is not None else fmt(b),
                      f"{fmt(e)} ({pct(m.get('test_accuracy'))})", gap_cell, pct(m.get("teacher_agreement")),
-                     fmt(m.get("temperature")), fmt(m.get("alpha")), str(m.get("loss", "-")),
+                     fmt(m.get("temperature")), fmt(m.get("alpha")), _loss(m),
                      str(m.get("transfer", "-")), f"{count(tparams)} -> {count(m.get('params'))}"])
     if not rows:
         return None
@@ -242,6 +242,12 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
                    "teacher) errors, shown only when the teacher's lead b - t exceeds 2 * sqrt(b + t) errors (twice "
                    "the sampling noise of the difference; n/a otherwise); agreement = share of test examples where student and teacher pick the "
                    "same class.")])
+
+
+def _loss(m: dict) -> str:
+    """The method, and for a feature method where its teacher's features came from (online, memory, disk)."""
+    loss = str(m.get("loss", "-"))
+    return f"{loss} (teacher features: {m['teacher_features']})" if m.get("teacher_features") else loss
 
 
 # ---------------------------------------------------------------- deploy

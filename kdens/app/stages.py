@@ -21,6 +21,7 @@ from deploy import bench_stage
 from deploy import stage as deploy_stage
 from deploy.bench_stage import BenchConfig
 from deploy.config import DeployConfig
+from distill import generations
 from distill import stage as distill_stage
 from distill.config import DistillConfig
 from ensembles import stage as ensemble_stage
@@ -54,6 +55,8 @@ class StageKind:
     """Its ``kdens`` command."""
     summary: tuple[str, ...] = ()
     """Metrics shown on ``kdens run``'s line for the stage, when its folder has them."""
+    lines: Callable[[dict], list[str]] | None = None
+    """How ``kdens evaluate`` prints ``evaluate``'s result, one line per part; None: as JSON."""
 
 
 _SINGLE = ("test_accuracy", "test_errors")
@@ -72,6 +75,9 @@ STAGES: dict[str, StageKind] = {
     "specialist": StageKind("specialist", None, None, specialists_stage.evaluate_specialist, None),
     "student": StageKind("student", DistillConfig, distill_stage.run, generalist_stage.evaluate, distill_cmd,
                          (*_SINGLE, "gap_recovered")),
+    # the folder of `kdens distill --generations N`: gen-01..gen-N students and their ensemble
+    "generations": StageKind("generations", None, None, generations.evaluate_generations, None,
+                             lines=generations.evaluation_lines),
     "deploy": StageKind("deploy", DeployConfig, deploy_stage.run, None, deploy_cmd, ("accuracy",)),
     "bench": StageKind("bench", BenchConfig, bench_stage.run, None, bench_cmd),
 }
@@ -93,3 +99,9 @@ def evaluate_run(run_dir: Path) -> dict:
         valid = ", ".join(k for k, v in STAGES.items() if v.evaluate is not None)
         raise ArtifactError(f"{run_dir}: cannot evaluate a '{stage}' stage; valid: {valid}")
     return entry.evaluate(Path(run_dir), manifest)
+
+
+def evaluation_lines(result: dict) -> list[str] | None:
+    """``evaluate_run``'s result as lines for the terminal, where its kind prints lines (else None: JSON)."""
+    entry = STAGES.get(result.get("stage"))
+    return entry.lines(result) if entry is not None and entry.lines is not None else None
