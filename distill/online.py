@@ -124,7 +124,7 @@ def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup):
                          for f in setup.student_tap.take()]
         teacher_logits, teacher_feats = None, []
         if phase.needs_teacher:
-            with torch.no_grad():  # the teacher sees the batch the student saw (after jitter)
+            with torch.no_grad():  # the teacher sees the batch the student saw (after augment, jitter)
                 teacher_logits = setup.teacher(xb.to(teacher_device)).float().to(logits.device)  # (B, C)
             teacher_feats = [t.to(logits.device) for t in setup.teacher_tap.take()]
         batch = FeatureBatch(xb, logits, teacher_logits, yb, student_feats, teacher_feats)

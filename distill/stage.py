@@ -233,8 +233,9 @@ def _logit_loss_fn(method, teacher: Teacher | None, cfg: DistillConfig, data: Da
     if soft_t is not None:
         extra["soft_temperature"] = soft_t
     key = cache_key(hashes, data.fingerprint, str(spec), extra)
-    if cfg.train.jitter > 0:
-        # jittered inputs change every step: a cache of the clean images would be the wrong targets
+    if cfg.train.jitter > 0 or cfg.train.augment:
+        # jittered / augmented inputs change every step: a cache of the clean images would be the wrong
+        # targets; online, the teacher scores exactly the views the student sees
         return online_loss_fn(method.loss, soft_fn), {"online": True, "reused": False, "build_seconds": 0.0,
                                                       "key": None, "soft_temperature": soft_t}
     meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
