@@ -131,3 +131,16 @@ def test_tflite_int8_on_raw_range_features_passes_the_accuracy_gate(tmp_path):
     assert rep["gates"]["accuracy_drop_points"]["passed"] and rep["accuracy"] >= acc - 0.03, rep["accuracy"]
     assert rep["input"]["dtype"] == "float32" and rep["input"]["layout"] == "features"
     assert rep["input"]["shape"] == ["batch", 3] and rep["input"]["range"][1] > 1000  # raw range, stated
+
+
+def test_fpga_report_says_how_to_make_its_float_input_from_the_raw_arrays():
+    from deploy.stage import fpga_input
+
+    raw = {"shape": [8, 8, 3], "layout": "nhwc", "dtype": "uint8", "range": [0.0, 255.0], "range_from": "dtype",
+           "channel_order": "RGB"}
+    entry = fpga_input(raw, [3, 8, 8])
+    assert entry["shape"] == ["batch", 3, 8, 8] and entry["layout"] == "nchw" and entry["dtype"] == "float32"
+    assert entry["range"] == [0.0, 1.0] and entry["channel_order"] == "RGB"
+    assert "divide the uint8 pixels by 255, then transpose NHWC -> NCHW" in entry["note"]
+    feats = fpga_input(describe(np.array([[1.0, 2e4], [3.0, -5.0]], np.float32), "features"), [2])
+    assert feats["layout"] == "features" and feats["range"] == [-5.0, 2e4] and "divide" not in feats["note"]
