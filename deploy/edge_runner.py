@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="bundle folder holding bundle.json")
     p.add_argument("--model", type=Path, help="one .tflite or .onnx file")
-    p.add_argument("--x", type=Path, help="inputs .npy, as the model takes them (e.g. float32 N x 1 x H x W, or uint8 N x H x W x C)")
+    p.add_argument("--x", type=Path,
+                   help="inputs .npy, as the model takes them (e.g. float32 N x 1 x H x W, or uint8 N x H x W x C)")
     p.add_argument("--expected", type=Path, help="reference logits .npy")
     p.add_argument("--expected-runtime", type=Path, help="host runtime's logits .npy (optional)")
     p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIMES)
