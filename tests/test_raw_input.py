@@ -79,6 +79,7 @@ def test_onnx_takes_uint8_nhwc(rgb_run, tmp_path, quantize):
     folder = tmp_path / f"onnx-{'float' if quantize == 'none' else 'int8'}"
     rep = json.loads((folder / "report.json").read_text())
     assert rep["input"]["shape"] == ["batch", 8, 8, 3] and WANT.items() <= rep["input"].items()
+    assert "Input: uint8 nhwc ['batch', 8, 8, 3], values 0..255 (dtype)" in (folder / "report.md").read_text()
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].type == "tensor(uint8)"
     logits = sess.run(None, {sess.get_inputs()[0].name: raw["x_test"]})[0]  # the user's arrays, untouched
