@@ -107,6 +107,8 @@ STEPS: dict[str, list] = {
                     *(f"--run=many-class-{g}-s{s}=runs/many-class/s{s}/{g}" for g in ("g16", "g32") for s in range(3)),
                     *(f"--k=digits-s{s}=3,4,5" for s in range(3)), "--k=fashion-mnist=3,4,5",
                     "--out", "bench/results/clustering"]],
+    # issue 12: colour images end to end (uint8 NHWC, --augment crop,flip, mobilenet, int8 TFLite; ~5 CPU-minutes)
+    "colour": [[PY, "bench/bench_colour.py", "--runs", "runs/colour", "--out", "bench/results/colour"]],
 }
 
 

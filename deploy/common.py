@@ -42,7 +42,12 @@ def all_cores() -> int:
 
 @dataclass
 class DeployData:
-    """Arrays a deploy needs; x float32 (N, 1, H, W) in [0, 1], y int64 (N,)."""
+    """Arrays a deploy needs: x as the artifact will take it, y int64 (N,).
+
+    x is float32 model input (images (N, C, H, W) in [0, 1], or features) unless ``input``
+    describes the user's raw form (``kdens.raw_input``): then x is in that form (e.g. uint8
+    NHWC) and the model passed to a target must take it (``kdens.raw_input.RawInput``).
+    """
 
     x_calib: np.ndarray
     """Calibration inputs (training or transfer data), never the test set."""
@@ -50,10 +55,13 @@ class DeployData:
     """Test inputs for parity and accuracy."""
     y_test: np.ndarray
     """Test labels."""
+    input: dict | None = None
+    """The raw-input description x follows (``kdens.raw_input.describe``); None: float32 model inputs."""
 
     def __post_init__(self) -> None:
-        self.x_calib = np.ascontiguousarray(self.x_calib, dtype=np.float32)
-        self.x_test = np.ascontiguousarray(self.x_test, dtype=np.float32)
+        dtype = np.uint8 if (self.input or {}).get("dtype") == "uint8" else np.float32
+        self.x_calib = np.ascontiguousarray(self.x_calib, dtype=dtype)
+        self.x_test = np.ascontiguousarray(self.x_test, dtype=dtype)
         self.y_test = np.asarray(self.y_test, dtype=np.int64)
         if len(self.x_test) != len(self.y_test):
             raise ConfigError(f"x_test has {len(self.x_test)} rows but y_test has {len(self.y_test)}")
@@ -147,11 +155,16 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.
     was_training = model.training
     model.eval()
     try:
-        outs = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)))
+        outs = [model(torch.from_numpy(input_array(x[i:i + batch_size])))
                 for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(outs).float().numpy()  # (N, C)
+
+
+def input_array(x: np.ndarray) -> np.ndarray:
+    """uint8 raw images stay uint8 (the model casts them); anything else becomes float32."""
+    return np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32)
 
 
 def calib_sample(data: DeployData, opts: DeployOptions) -> np.ndarray:
@@ -196,7 +209,8 @@ def save_samples(out_dir: Path, x: np.ndarray, torch_out: np.ndarray, runtime_ou
     from kdens.artifacts import atomic_save_npy
 
     n = min(N_SAMPLES, len(x))
-    for name, arr in ((SAMPLE_X, x[:n]), (SAMPLE_TORCH, torch_out[:n]), (SAMPLE_RUNTIME, runtime_out[:n])):
+    atomic_save_npy(Path(out_dir) / SAMPLE_X, input_array(x[:n]))  # in the form the artifact takes
+    for name, arr in ((SAMPLE_TORCH, torch_out[:n]), (SAMPLE_RUNTIME, runtime_out[:n])):
         atomic_save_npy(Path(out_dir) / name, np.ascontiguousarray(arr, dtype=np.float32))
     return [SAMPLE_X, SAMPLE_TORCH, SAMPLE_RUNTIME]
 

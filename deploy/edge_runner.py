@@ -64,9 +64,9 @@ def pick_runtime(path: Path, runtime: str = "auto") -> str:
 def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
     """Float -> the tensor's int8/uint8 type with its (scale, zero point); float passes through."""
     dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f":
-        return np.ascontiguousarray(x, dtype=dtype)
     scale, zp = detail["quantization"]
+    if dtype.kind == "f" or not scale:  # float, or raw (unquantized) uint8 pixels: taken as they are
+        return np.ascontiguousarray(x, dtype=dtype)
     info = np.iinfo(dtype)
     return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(dtype)
 
@@ -179,11 +179,11 @@ class OnnxModel:
         self.runtime = "onnxruntime"
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        self.input_dtype = "float32"
+        self.input_dtype = {"tensor(uint8)": "uint8"}.get(self.session.get_inputs()[0].type, "float32")
         self.signatures: dict[int, str] = {}
 
     def prepare(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
 
     def run_fn(self, batch_size: int):
         sess, name = self.session, self.input_name
@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="bundle folder holding bundle.json")
     p.add_argument("--model", type=Path, help="one .tflite or .onnx file")
-    p.add_argument("--x", type=Path, help="inputs .npy (float32, N x 1 x H x W)")
+    p.add_argument("--x", type=Path,
+                   help="inputs .npy, as the model takes them (e.g. float32 N x 1 x H x W, or uint8 N x H x W x C)")
     p.add_argument("--expected", type=Path, help="reference logits .npy")
     p.add_argument("--expected-runtime", type=Path, help="host runtime's logits .npy (optional)")
     p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIMES)

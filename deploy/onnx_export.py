@@ -35,6 +35,7 @@ from deploy import common, latency
 from deploy.common import DeployData, DeployOptions
 from deploy.edge_runner import OnnxModel
 from kdens.errors import ConfigError, ModelError
+from kdens.raw_input import artifact_input
 
 MODEL_FILE = "model.onnx"
 FLOAT_TOL = 1e-4
@@ -49,12 +50,12 @@ def export_onnx(model: nn.Module, path: Path, example: np.ndarray) -> dict:
     Args:
         model: Float model (exported in eval mode; its mode is restored).
         path: Output file.
-        example: A real input batch (B, 1, H, W) used for tracing.
+        example: A real input batch, in the form the file will take, used for tracing.
 
     Returns:
         ``{"exporter": "dynamo"|"legacy", "note": str|None}``.
     """
-    x = torch.from_numpy(np.ascontiguousarray(example[:2], dtype=np.float32))
+    x = torch.from_numpy(common.input_array(example[:2]))  # raw uint8 images stay uint8
     # the exporter logs one warning per torchvision op it cannot register: noise for our nets
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     was_training = model.training
@@ -86,7 +87,7 @@ class _CalibReader:
     """onnxruntime CalibrationDataReader over fixed batches of calibration inputs."""
 
     def __init__(self, x: np.ndarray, input_name: str, batch_size: int = 64):
-        self._batches = [{input_name: np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)}
+        self._batches = [{input_name: common.input_array(x[i:i + batch_size])}
                          for i in range(0, len(x), batch_size)]
         self._i = 0
 
@@ -137,7 +138,8 @@ def quantize_int8(float_path: Path, out_path: Path, x_calib: np.ndarray, work_di
 
 
 def input_normalization_nodes(path: Path) -> list[str]:
-    """Names of the elementwise nodes that standardise the graph input (``kdens.models.Standardized``).
+    """Names of the nodes that turn the raw graph input into the model's input: the cast, /255 and
+    NHWC -> NCHW of ``kdens.raw_input.Front`` and the standardization of ``kdens.models.Standardized``.
 
     They stay float: quantizing raw inputs whose features span e.g. 0.002 to 100,000 with one
     int8 scale would erase the small ones before the normalization could rescale them (a
@@ -149,7 +151,7 @@ def input_normalization_nodes(path: Path) -> list[str]:
     frontier, names = {graph.input[0].name}, []
     for node in graph.node:  # topological order: the normalization comes first
         if any(i in frontier for i in node.input):
-            if node.op_type not in ("Sub", "Mul", "Div", "Cast"):
+            if node.op_type not in ("Sub", "Mul", "Div", "Cast", "Transpose"):
                 break
             names.append(node.name)
             frontier |= set(node.output)
@@ -256,8 +258,9 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
             ok, f"optimized int8 kernels vs the unfused QDQ graph: top-1 agreement {fused['agreement']:.2%} "
             f"({'>=' if ok else '<'} {KERNEL_MIN_AGREEMENT:.0%}), max |diff| {fused['max_abs_diff']:.3g}"
             + ("" if ok else "; the kernels saturate on this CPU: quantize with reduce_range"), **fused)
-    checks["io"] = common.info("float32 inputs and outputs"
-                                + (" (--io int8 applies to tflite only; QDQ keeps float I/O)"
+    in_shape = ["batch" if not isinstance(d, int) else d for d in runner.session.get_inputs()[0].shape]
+    checks["io"] = common.info(f"{runner.input_dtype} inputs {in_shape}, float32 outputs"
+                                + (" (--io int8 applies to tflite only; QDQ keeps the I/O as exported)"
                                    if opts.io == "int8" else ""))
 
     lat, env = latency.latency_grid(
@@ -269,6 +272,7 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
     samples = common.save_samples(out_dir, data.x_test, ref, out)
     report = {
         "target": "onnx", "precision": precision, "io": "float",
+        "input": artifact_input(data.input, runner.input_dtype, in_shape),
         "runtime": f"onnxruntime {ort.__version__}",
         "runtimes": {"onnxruntime": {"version": ort.__version__, "loads": True,
                                      "agreement": cmp["agreement"], "max_abs_diff": cmp["max_abs_diff"]}},

@@ -127,6 +127,12 @@ def render_markdown(report: dict) -> str:
              f"{report.get('float_size_bytes', '-')} | {report.get('params', '-')} | "
              f"{_fmt(None if acc is None else 100 * acc, '.2f')}% | {_fmt(None if fa is None else 100 * fa, '.2f')}% | "
              f"{_fmt(report.get('agreement'), '.4f')} | {_fmt(report.get('max_abs_diff'), '.3g')} |", ""]
+    inp = report.get("input")
+    if inp:  # what the file takes, in one line: the first thing a user wiring it up needs
+        rng = inp.get("range") or ["?", "?"]
+        channels = f", channels {inp['channel_order']}" if inp.get("channel_order") else ""
+        lines += [f"Input: {inp['dtype']} {inp['layout']} {inp['shape']}, values {rng[0]:g}..{rng[1]:g}"
+                  f" ({inp.get('range_from')}){channels}" + (f"; {inp['note']}" if inp.get("note") else ""), ""]
     lat = report.get("latency_ms") or {}
     if lat:
         lines += ["| latency (ms) | p50 | p90 | p99 | runs |", "|---|---|---|---|---|"]

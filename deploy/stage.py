@@ -21,6 +21,7 @@ from deploy.report import evaluate_gates, gate_failure_message, write_report
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file, write_manifest
 from kdens.errors import ArtifactError, GateFailed
 from kdens.models import load_model
+from kdens.raw_input import RawInput, artifact_input, to_raw
 from kdens.runs import data_config, run_data
 
 MODULES = {"onnx": "deploy.onnx_export", "tflite": "deploy.tflite_export", "fpga": "deploy.fpga"}
@@ -54,12 +55,20 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
     module = importlib.import_module(MODULES[cfg.target])
     (run_dir / MANIFEST).unlink(missing_ok=True)  # a redeploy is unfinished until its manifest lands
     opts = cfg.opts
-    arrays = DeployData(x_calib=data.x_train, x_test=data.x_test, y_test=data.y_test)
+    if cfg.target == "fpga":  # hls4ml takes one ap_fixed input type: the float model input (report says)
+        arrays = DeployData(x_calib=data.x_train, x_test=data.x_test, y_test=data.y_test)
+    else:  # ONNX and TFLite files take the user's raw arrays; every gate feeds them exactly those
+        raw = data.raw_input
+        model = RawInput(model, raw)
+        arrays = DeployData(x_calib=to_raw(data.x_train, raw), x_test=to_raw(data.x_test, raw),
+                            y_test=data.y_test, input=raw)
     if cfg.target == "fpga":
         report = module.deploy(model, arrays, opts, run_dir, precision=cfg.precision or DEFAULT_FPGA_PRECISION,
                                sweep=cfg.sweep, min_agreement=cfg.min_agreement)
     else:
         report = module.deploy(model, arrays, opts, run_dir)
+    if cfg.target == "fpga":
+        report["input"] = fpga_input(data.raw_input, list(data.input_shape))
     report["model_run"] = str(model_dir)
     report["model"] = {"name": spec["name"], "kwargs": spec["kwargs"]}
     report["gates"] = evaluate_gates(report, opts.max_latency_ms, opts.max_accuracy_drop)
@@ -77,3 +86,23 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
     if failures:
         raise GateFailed("; ".join(failures) + f" (artifact kept in {run_dir})")
     return run_dir
+
+
+def fpga_input(raw: dict | None, shape: list[int]) -> dict:
+    """The FPGA project's input: the float model input, not the user's raw arrays.
+
+    hls4ml gives the whole input one ap_fixed type and has no cast, /255 or transpose layer
+    to put in front; folding /255 and the standardization into the first layer instead is
+    inexact for zero-padded convolutions (the padding would no longer be the mean). So the
+    HLS input is the model input, and the report says how to make it from the raw arrays.
+    """
+    raw = raw or {}
+    uint8, nhwc = raw.get("dtype") == "uint8", raw.get("layout") == "nhwc"
+    steps = [s for s, on in (("divide the uint8 pixels by 255", uint8),
+                             ("transpose NHWC -> NCHW", nhwc)) if on]
+    note = ("the HLS input is the float model input (ap_fixed in hardware)"
+            + (": " + ", then ".join(steps) if steps else "") + "; the C simulation flattens it")
+    layout = "features" if raw.get("layout") == "features" else "nchw"
+    return artifact_input({**raw, "layout": layout, "range": [0.0, 1.0] if uint8 else raw.get("range"),
+                           "range_from": "uint8 / 255" if uint8 else raw.get("range_from")},
+                          "float32", ["batch", *shape], note)

@@ -80,7 +80,8 @@ def check_in_tflite_runtime(tflite_path: str | Path, x: np.ndarray, expected_log
 
     Args:
         tflite_path: The file to check.
-        x: Float inputs (N, 1, H, W); int8-input files get them quantized by the runner.
+        x: Inputs as the file takes them (float32, or the user's raw uint8); int8-input files get
+            float inputs quantized by the runner.
         expected_logits: PyTorch logits (N, C).
         python: The cross-check venv's python (from ``find_tflite_runtime``).
         expected_runtime: Optional host-runtime logits; adds ``*_host_runtime`` fields.
@@ -95,7 +96,7 @@ def check_in_tflite_runtime(tflite_path: str | Path, x: np.ndarray, expected_log
     with tempfile.TemporaryDirectory(prefix="kdens-tflrt-") as tmp:
         tmp = Path(tmp)
         runner = shutil.copy(RUNNER, tmp / RUNNER.name)  # run it alone, away from deploy/'s modules
-        np.save(tmp / "x.npy", np.ascontiguousarray(x, dtype=np.float32))
+        np.save(tmp / "x.npy", np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32))
         np.save(tmp / "expected.npy", np.asarray(expected_logits, dtype=np.float32))
         cmd = [str(py), "-I", str(runner), "--model", str(Path(tflite_path).absolute()),
                "--x", str(tmp / "x.npy"), "--expected", str(tmp / "expected.npy"),

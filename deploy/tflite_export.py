@@ -10,6 +10,12 @@
   The converter makes the file's inputs/outputs int8 (``--io int8``). For ``--io float``
   a QUANTIZE op is added after each input and a DEQUANTIZE op before each output in the
   flatbuffer: the same int8 graph, float tensors at the boundary.
+- Input handling stays float: when the model takes the user's raw arrays (uint8 / NHWC,
+  ``kdens.raw_input.RawInput``) or standardizes its inputs (``kdens.models.Standardized``),
+  only the layers after that are quantized; the file takes the raw arrays (uint8 stays
+  uint8) and int8 starts at the standardized values. Quantizing raw-range features with one
+  int8 scale would erase the small ones (as for ONNX, ``onnx_export.input_normalization_nodes``).
+  Such a file's input is never int8, whatever ``--io``; ``--io int8`` then gives int8 outputs.
 - ``--quantize dynamic`` is refused: tflite-runtime 2.14 refuses PT2E dynamic files and
   silently miscomputes ai-edge-quantizer dynamic files (docs/toolchain.md).
 
@@ -34,6 +40,7 @@ from deploy.common import DeployData, DeployOptions
 from deploy.edge_runner import TFLiteModel, quantize
 from deploy.tflite_check import check_in_tflite_runtime, find_tflite_runtime
 from kdens.errors import ConfigError, ModelError
+from kdens.raw_input import artifact_input, split_front
 
 MODEL_FILE = "model.tflite"
 FLOAT_TOL = 1e-4
@@ -238,13 +245,22 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
     notes = []
     if precision == "int8":
         calib = common.calib_sample(data, opts)
-        pm, quantizer = quantize_pt2e(model, calib)
+        front, core = split_front(model)
+        if front is None:
+            pm, quantizer = quantize_pt2e(model, calib)
+        else:  # int8 starts after the raw input's cast/scale/transpose and standardization (float)
+            with torch.no_grad():
+                core_calib = front(torch.from_numpy(common.input_array(calib))).numpy()
+            core_q, quantizer = quantize_pt2e(core, core_calib)
+            pm = nn.Sequential(front, core_q)
+            pm.training = False
+            notes.append("input handling and standardization kept float32 in front of the int8 graph")
         from litert_torch.quantize.quant_config import QuantConfig
 
         buf = _convert({bs: pm for bs in opts.batch_sizes}, data.x_test, QuantConfig(pt2e_quantizer=quantizer))
         if opts.io == "float":
             buf = add_float_io(buf)
-            notes.append("float I/O: QUANTIZE/DEQUANTIZE ops added around the int8 graph")
+            notes.append("float I/O: QUANTIZE/DEQUANTIZE ops added at the int8 inputs and outputs")
     else:
         buf = float_buf
     from kdens.artifacts import atomic_write_bytes
@@ -260,6 +276,12 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
     cmp = common.compare(out, ref, data.y_test)
     io = _io_details(litert)
 
+    in_detail = litert.io_details()[0]
+    note = f"one signature per batch size ({', '.join(f'{signature_name(b)}: {b}' for b in opts.batch_sizes)})"
+    if io["input"]["dtype"] == "int8":
+        note += (f"; quantize the input first: int8 = clip(round(x / {io['input']['scale']:.6g}) + "
+                 f"{io['input']['zero_point']}, -128, 127)")
+    input_entry = artifact_input(data.input, io["input"]["dtype"], ["batch", *map(int, in_detail["shape"][1:])], note)
     checks = {"signatures": common.check(
         set(litert.signatures.values()) == sigs,
         f"signatures {sorted(litert.signatures.values())} (expected {sorted(sigs)}), fixed shapes")}
@@ -291,7 +313,6 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
         runtimes["tflite_runtime"] = {"loads": None, "error": f"not checked: {why_not}"}
         checks["tflite_runtime"] = common.not_checked(why_not)
 
-    in_detail = litert.io_details()[0]
     prepare = (lambda xb: quantize(xb, in_detail)) if io["input"]["dtype"] == "int8" else None
     lat, env = latency.latency_grid(
         lambda bs, t: TFLiteModel(path, "ai_edge_litert", num_threads=t).run_fn(bs), data.x_test,
@@ -303,7 +324,7 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
     samples = common.save_samples(out_dir, data.x_test, ref, out)
     report = {
         "target": "tflite", "precision": precision, "io": io["input"]["dtype"].replace("float32", "float"),
-        "io_quantization": io,
+        "io_quantization": io, "input": input_entry,
         "runtime": f"ai_edge_litert {litert_version()}", "runtimes": runtimes,
         "converter": f"litert-torch {_litert().__version__}" + (" + PT2E static int8" if precision == "int8" else ""),
         "signatures": {signature_name(bs): bs for bs in opts.batch_sizes},

@@ -13,7 +13,7 @@ step reads rows ``idx`` of them. Where they are kept depends on their size and a
   Built like the soft-target cache (``distill.cache``): every array to a temp file moved in
   with ``os.replace``, ``manifest.json`` (shapes, sha256 of each array) written last, a
   damaged or unfinished folder rebuilt with a warning, a finished one reused by later runs;
-* ``online``: the budget is 0, or ``--jitter`` changes the inputs every batch (cached
+* ``online``: the budget is 0, or ``--augment`` / ``--jitter`` changes the inputs every batch (cached
   features would describe images the student never saw).
 
 The arrays are float32, as the online teacher's outputs are, so a cached run trains the
@@ -94,8 +94,10 @@ def _agreed_budget(setting, device: torch.device) -> int:
     return b
 
 
-def choose(setting, jitter: int, nbytes: int, budget: int) -> tuple[str, str]:
+def choose(setting, jitter: int, nbytes: int, budget: int, augment=()) -> tuple[str, str]:
     """(``online`` | ``memory`` | ``disk``, why) for features of ``nbytes`` under ``budget`` bytes."""
+    if augment:
+        return "online", f"--augment {','.join(augment)} changes the inputs every batch"
     if jitter > 0:
         return "online", f"--jitter {jitter} changes the inputs every batch"
     if budget <= 0:
@@ -251,7 +253,7 @@ def load_or_build_disk(d: Path, key: str, teacher: nn.Module, tap, x, classes: i
 
 
 def provide(setup, x, *, setting, jitter: int, cache_dir: Path, key: str, device: torch.device,
-            batch_size: int, meta: dict) -> tuple[FeatureStore | None, dict]:
+            batch_size: int, meta: dict, augment=()) -> tuple[FeatureStore | None, dict]:
     """The teacher's features for a feature method's run: a FeatureStore, or None to run it online.
 
     Args:
@@ -259,6 +261,7 @@ def provide(setup, x, *, setting, jitter: int, cache_dir: Path, key: str, device
         x: the transfer set's inputs (N, ...).
         setting: ``--feature-cache-mb`` (MB or ``auto``).
         jitter: ``--jitter``; > 0 means online.
+        augment: ``--augment``'s names; any means online (the teacher must see each augmented view).
         cache_dir: the cache folder (``--cache-dir``); the disk cache is ``cache_dir / key``.
         key: from ``distill.cache.cache_key``, naming the teacher, hints, transfer set and data.
         device: the training device.
@@ -272,8 +275,8 @@ def provide(setup, x, *, setting, jitter: int, cache_dir: Path, key: str, device
     t0 = time.perf_counter()
     shapes = [tuple(s) for s in setup.teacher_shapes]
     nbytes = feature_bytes(len(x), setup.teacher_classes, shapes)
-    budget = _agreed_budget(setting, device) if jitter == 0 else 0
-    path, why = choose(parse_budget(setting), jitter, nbytes, budget)
+    budget = _agreed_budget(setting, device) if jitter == 0 and not augment else 0
+    path, why = choose(parse_budget(setting), jitter, nbytes, budget, tuple(augment))
     info = {"path": path, "why": why, "bytes": nbytes, "budget_mb": round(budget / 2**20, 3),
             "setting": parse_budget(setting), "reused": False, "build_seconds": 0.0, "key": None, "dir": None}
     if path == "online":

@@ -36,7 +36,7 @@ def cached_loss_fn(loss: DistillLoss, targets: Tensor) -> Callable:
 
 
 def online_loss_fn(loss: DistillLoss, teacher: Callable[[Tensor], Tensor]) -> Callable:
-    """``fit`` loss that asks the teacher about the batch the student saw (after jitter).
+    """``fit`` loss that asks the teacher about the batch the student saw (after --augment and jitter).
 
     ``teacher`` maps a batch to the scores the loss softens by T: the stage passes
     ``distill.teachers.soft_scores_fn(teacher, T)``, the same function the cache is built with.

@@ -133,7 +133,7 @@ def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup, store: Fe
         if phase.needs_teacher and store is not None:  # no augmentation: rows of the features computed once
             teacher_logits, teacher_feats = store.rows(idx)
         elif phase.needs_teacher:
-            with torch.no_grad():  # the teacher sees the batch the student saw (after jitter)
+            with torch.no_grad():  # the teacher sees the batch the student saw (after augment, jitter)
                 teacher_logits = setup.teacher(xb.to(teacher_device)).float().to(logits.device)  # (B, C)
             teacher_feats = [t.to(logits.device) for t in setup.teacher_tap.take()]
         batch = FeatureBatch(xb, logits, teacher_logits, yb, student_feats, teacher_feats)

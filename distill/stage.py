@@ -243,8 +243,9 @@ def _logit_loss_fn(method, teacher: Teacher | None, cfg: DistillConfig, data: Da
     if soft_t is not None:
         extra["soft_temperature"] = soft_t
     key = cache_key(hashes, data.fingerprint, str(spec), extra)
-    if cfg.train.jitter > 0:
-        # jittered inputs change every step: a cache of the clean images would be the wrong targets
+    if cfg.train.jitter > 0 or cfg.train.augment:
+        # jittered / augmented inputs change every step: a cache of the clean images would be the wrong
+        # targets; online, the teacher scores exactly the views the student sees
         return online_loss_fn(method.loss, soft_fn), {"online": True, "reused": False, "build_seconds": 0.0,
                                                       "key": None, "soft_temperature": soft_t}
     meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
@@ -270,7 +271,7 @@ def _teacher_features(features: online.FeatureSetup, cfg: DistillConfig, data: D
             "hints": extra["hints"], "inputs_sha256": extra["inputs_sha256"]}
     return feature_cache.provide(features, x_tr, setting=cfg.feature_cache_mb, jitter=cfg.train.jitter,
                                  cache_dir=Path(cfg.cache_dir), key=key, device=device,
-                                 batch_size=cfg.train.eval_batch_size, meta=meta)
+                                 batch_size=cfg.train.eval_batch_size, meta=meta, augment=cfg.train.augment)
 
 
 def _build_student(cfg: DistillConfig, data: Dataset):

@@ -72,6 +72,9 @@ class TrainConfig:
     cross-entropy gradient once student logits grow (seen: NaN at T=20, lr 0.05)."""
     jitter: int = 0
     """Random translation of up to this many pixels per example (the paper's +-2 px)."""
+    augment: list[str] = field(default_factory=list)
+    """Image augmentations (``--augment crop,flip``): ``crop`` pads by reflection and crops back
+    (``kdens.train.crop_padding``), ``flip`` mirrors left-right with probability 1/2."""
     patience: int | None = None
     """Stop after this many epochs without a lower validation loss. Off by default: the whole
     schedule runs and the best validation epoch's weights are kept, because stopping fights a
@@ -113,6 +116,7 @@ class TrainConfig:
             raise ConfigError(f"--grad-clip {self.grad_clip} must be > 0")
         if self.jitter < 0:
             raise ConfigError(f"--jitter {self.jitter} must be >= 0 pixels")
+        self.augment = parse_augment(self.augment)
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"--patience {self.patience} must be >= 1 (or unset to disable)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -139,11 +143,31 @@ class TrainConfig:
         return without_unset_cap(asdict(self))
 
 
+AUGMENTATIONS = ("crop", "flip")
+
+
+def parse_augment(value) -> list[str]:
+    """``"crop,flip"`` (a flag) or ``["crop", "flip"]`` (a config file) -> the names, in the fixed
+    order they are applied (crop, then flip), each once."""
+    if value is None:
+        return []
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    names = [n for n in names if n and n != "none"]
+    bad = [n for n in names if n not in AUGMENTATIONS]
+    if bad:
+        raise ConfigError(f"--augment {','.join(bad)} unknown; valid: {', '.join(AUGMENTATIONS)} "
+                          "(comma-separated, e.g. --augment crop,flip)")
+    return [a for a in AUGMENTATIONS if a in names]
+
+
 def without_unset_cap(train: dict) -> dict:
-    """A TrainConfig as data, without ``epochs_cap`` when it is off: runs keyed before the cap
-    existed keep their keys (reused by ``kdens run``, resumable from their checkpoints)."""
+    """A TrainConfig as data, without ``epochs_cap`` when it is off and without ``augment`` when
+    empty: runs keyed before these settings existed keep their keys (reused by ``kdens run``,
+    resumable from their checkpoints)."""
     if train.get("epochs_cap", 0) is None:
         train = {k: v for k, v in train.items() if k != "epochs_cap"}
+    if "augment" in train and not train["augment"]:
+        train = {k: v for k, v in train.items() if k != "augment"}
     return train
 
 

@@ -55,6 +55,9 @@ class Dataset:
     """Per-channel (images) or per-feature mean and std of the training split, applied inside every
     model built on this data (``kdens.models.build_model(input_norm=...)``); None: inputs are used
     as they are (uint8 images scaled to [0, 1], or floats already in [0, 1])."""
+    raw_input: dict | None = None
+    """How the user's arrays looked (shape, layout, dtype, range; :func:`kdens.raw_input.describe`):
+    what exported artifacts take."""
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +80,7 @@ class Dataset:
             "split": self.split,
             "layout": self.layout,
             "normalization": self.normalization,
+            "raw_input": self.raw_input,
         }
 
 
@@ -274,8 +278,10 @@ def _fingerprint(arrays: dict[str, np.ndarray], split: dict) -> str:
 
 
 def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
-           source: str, val_fraction: float, split_seed: int, layout: str = "auto") -> Dataset:
+           source: str, val_fraction: float, split_seed: int, layout: str = "auto",
+           channel_order: str | None = None) -> Dataset:
     from kdens.loaders import map_labels
+    from kdens.raw_input import describe
 
     raw = {k: raw[k] for k in IDX_FILES}
     for split in ("train", "test"):
@@ -321,6 +327,7 @@ def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
         split=split,
         layout=layout,
         normalization=normalization(x_train[tr_idx], layout),
+        raw_input=describe(raw["x_train"], layout, channel_order),
     )
 
 
@@ -375,7 +382,8 @@ def load_dataset(spec: str, *, val_fraction: float = 0.1, split_seed: int = 0, l
         if loaders.is_image_folder(path):
             raw = loaders.load_image_folder(path, image_size=loaders.parse_image_size(image_size),
                                             test_fraction=test_fraction, seed=split_seed)
-            return _build(path.name, raw, raw["class_names"], str(path), val_fraction, split_seed, layout)
+            return _build(path.name, raw, raw["class_names"], str(path), val_fraction, split_seed, layout,
+                          channel_order="RGB")  # Pillow decodes colour images to RGB
         raise DataError(f"--data {spec!r}: a folder, but neither MNIST-format IDX files nor an image folder "
                         "(DIR/<class>/*.png or DIR/train/<class>/* and DIR/test/<class>/*)")
     if path.suffix == ".npz" and path.is_file():

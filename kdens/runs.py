@@ -80,10 +80,14 @@ def run_data(manifest: dict) -> Dataset:
 
 
 def check_augmentation(data: Dataset, train: TrainConfig) -> None:
-    """Refuse augmentation the data cannot take: ``--jitter`` shifts images, not feature vectors."""
+    """Refuse augmentation the data cannot take: ``--jitter`` and ``--augment`` move pixels, and
+    feature vectors have none."""
     if train.jitter and data.layout == "features":
         raise ConfigError(f"--jitter {train.jitter} shifts images by pixels, but {data.name} holds feature vectors "
                           "(layout features); drop --jitter")
+    if train.augment and data.layout == "features":
+        raise ConfigError(f"--augment {','.join(train.augment)} crops and flips images, but {data.name} holds "
+                          "feature vectors (layout features); drop --augment")
 
 
 def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict, train: TrainConfig,

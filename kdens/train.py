@@ -88,6 +88,38 @@ def jitter_batch(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def crop_padding(h: int, w: int) -> int:
+    """Pixels ``--augment crop`` pads each side with: an eighth of the shorter side, at least 1
+    (4 px on 32x32, CIFAR's usual choice; 2 px on 16x16)."""
+    return max(1, round(min(h, w) / 8))
+
+
+def augment_batch(x: torch.Tensor, names: list[str], gen: torch.Generator) -> torch.Tensor:
+    """``--augment``: ``crop`` pads by reflection and takes a random crop of the original size,
+    ``flip`` mirrors each image left-right with probability 1/2; (B, C, H, W) in and out.
+
+    Reflection rather than zeros (which ``--jitter`` uses): the pixels shifted in look like the
+    image's own border, not a black frame the test images never have.
+    """
+    if not names:
+        return x
+    b, c, h, w = x.shape
+    if "crop" in names:
+        p = min(crop_padding(h, w), h - 1, w - 1)  # reflection needs padding < size
+        if p > 0:
+            padded = F.pad(x, (p, p, p, p), mode="reflect")  # (B, C, H+2p, W+2p)
+            off = torch.randint(0, 2 * p + 1, (2, b), generator=gen, device=gen.device).to(x.device)
+            rows = torch.arange(h, device=x.device)[None, :] + off[0][:, None]  # (B, H)
+            cols = torch.arange(w, device=x.device)[None, :] + off[1][:, None]  # (B, W)
+            bidx = torch.arange(b, device=x.device)[:, None, None]
+            x = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+            x = x.permute(0, 3, 1, 2).contiguous()
+    if "flip" in names:
+        mirror = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(x.device)  # (B,)
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
 def apply_max_norm(model: nn.Module, max_norm: float) -> None:
     """Rescale every unit's incoming weights to L2 norm <= max_norm (Srivastava et al. 2014)."""
     with torch.no_grad():
@@ -179,7 +211,7 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
         cfg: optimisation settings.
         loss_fn: ``loss_fn(logits, xb, yb, idx) -> scalar``; default cross-entropy on yb.
             ``idx`` are the batch's row indices into x_train (for cached soft targets) and
-            ``xb`` is the batch as the model saw it (after jitter, for online teachers).
+            ``xb`` is the batch as the model saw it (after --augment and jitter, for online teachers).
         sampler: ``sampler(epoch, generator) -> iterable of index batches``; default a
             seeded shuffle split into ``batch_size`` chunks.
         ckpt_dir: folder for ``checkpoint.pt``, written after every epoch.
@@ -273,7 +305,7 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
                     idx = idx[rank::world]
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, epoch, step, steps_per_epoch)
-                xb = jitter_batch(xt[idx], cfg.jitter, gen)
+                xb = jitter_batch(augment_batch(xt[idx], cfg.augment, gen), cfg.jitter, gen)
                 yb = yt[idx] if yt is not None else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = net(xb)

@@ -43,7 +43,7 @@ from kdens.artifacts import (
 from kdens.config import to_dict
 from kdens.data import Dataset, stratified_subset
 from kdens.errors import ArtifactError, ConfigError, DataError
-from kdens.runs import data_config, prepare_run_dir, run_data, run_key, same_settings, sub_run_plan
+from kdens.runs import check_augmentation, data_config, prepare_run_dir, run_data, run_key, same_settings, sub_run_plan
 from kdens.models import load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
 from kdens.train import CHECKPOINT, predict_logits
@@ -171,6 +171,7 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
     gen_man = read_manifest(gen_dir, "generalist")
     data_cfg = data_config(gen_man)
     data, x, y = load_data(gen_man)
+    check_augmentation(data, cfg.train)
     if not len(data.y_val):
         raise DataError(f"--generalist {gen_dir} was trained with --val-fraction 0; specialists need its "
                         "validation split (for clustering and early stopping): retrain it with --val-fraction > 0")

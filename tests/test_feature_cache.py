@@ -117,6 +117,16 @@ def test_jitter_keeps_the_teacher_online(teacher, tmp_path):
     assert "--jitter 1" in _json(tmp_path / "s" / "manifest.json")["features"]["teacher_features"]["why"]
 
 
+def test_augment_keeps_the_teacher_online(teacher, tmp_path):
+    """Cropped and flipped views change every batch too: the teacher must score the views the student sees."""
+    r = _distill("--teacher", teacher, "--model", "mlp", "--model-arg", "hidden=32", "--method", "rkd",
+                 "--epochs", 3, "--batch-size", 64, "--augment", "crop,flip", "--feature-cache-mb", "1000",
+                 "--quiet", "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    assert _json(tmp_path / "s" / "metrics.json")["teacher_features"] == "online"
+    assert "--augment crop,flip" in _json(tmp_path / "s" / "manifest.json")["features"]["teacher_features"]["why"]
+
+
 def test_a_bad_budget_exits_2_and_writes_nothing(teacher, tmp_path):
     r = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--method", "fitnets", "--feature-cache-mb",
                                  "lots", "--out", str(tmp_path / "s")])
@@ -129,6 +139,8 @@ def test_choose_and_budget():
     assert fc.choose(0.5, 0, 2**20, 2**19)[0] == "disk"
     assert fc.choose(0.0, 0, 1, 0)[0] == "online"
     assert fc.choose(100.0, 2, 1, 100 * 2**20)[0] == "online"
+    assert fc.choose(100.0, 0, 1, 100 * 2**20, ("crop", "flip")) == ("online", "--augment crop,flip changes the "
+                                                                             "inputs every batch")
     assert fc.budget_bytes("2", torch.device("cpu")) == 2 * 2**20
     assert fc.budget_bytes("auto", torch.device("cpu")) > 0
     with pytest.raises(ConfigError, match="-3"):

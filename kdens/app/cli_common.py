@@ -29,6 +29,9 @@ def train_options(f):
         click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True),
                      help="Clip the gradient's global L2 norm to this [off]; use it for distillation at high T."),
         click.option("--jitter", type=click.IntRange(min=0), help="Random translation, pixels [0]."),
+        click.option("--augment", type=str,
+                     help="Image augmentations, comma-separated: crop (reflect-pad by min(H,W)/8 px, random "
+                          "crop back), flip (left-right, p=1/2); e.g. --augment crop,flip [none]."),
         click.option("--patience", type=click.IntRange(min=1), help="Stop after N epochs without a lower validation loss [off: every epoch runs, the best is kept]."),
         click.option("--device", type=str, help="auto, cpu or cuda [auto]."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [on]."),
