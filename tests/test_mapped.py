@@ -1,0 +1,130 @@
+""".npy folders: memory-mapped inputs read per batch give the same data, fingerprint and model as in memory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kdens import data as D
+from kdens import mapped
+from kdens.errors import DataError
+
+
+def _images(n, rng):
+    """uint8 NHWC 8x8x3 images whose class (0..2) is a bright column in one channel."""
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 8, 8, 3))
+    for i, c in enumerate(y):
+        x[i, :, 2 * c + 1, c] = 240
+    return x.astype(np.uint8), (y * 10 + 5).astype(np.int64)  # labels 5, 15, 25 map to 0..2
+
+
+def _features(n, rng):
+    """float32 features in natural ranges (1e3, 1e-2, 1): the models standardise them."""
+    y = rng.integers(0, 3, n)
+    x = np.stack([1000 + 300 * y + rng.normal(0, 60, n), 0.01 * (2 - y) + rng.normal(0, 0.002, n),
+                  rng.normal(0, 1, n)], 1)
+    return x.astype(np.float32), y
+
+
+def _write(tmp_path, make, n_train=240, n_test=60):
+    rng = np.random.default_rng(0)
+    xtr, ytr = make(n_train, rng)
+    xte, yte = make(n_test, rng)
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    for k, a in {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}.items():
+        np.save(folder / f"{k}.npy", a)
+    npz = tmp_path / "same.npz"
+    np.savez(npz, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return folder, npz
+
+
+@pytest.mark.parametrize("make", [_images, _features])
+def test_npy_folder_is_mapped_and_equals_the_npz(tmp_path, make):
+    folder, npz = _write(tmp_path, make)
+    m = D.load_dataset(str(folder), val_fraction=0.1)
+    a = D.load_dataset(str(npz), val_fraction=0.1)
+    assert isinstance(m.x_train, mapped.MappedRows) and isinstance(m.x_train.raw, np.memmap)
+    assert isinstance(a.x_train, np.ndarray)
+    assert m.fingerprint == a.fingerprint  # hashed in chunks: the same digest as the whole bytes
+    assert m.layout == a.layout and m.input_shape == a.input_shape and m.class_names == a.class_names
+    assert m.normalization == a.normalization
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(np.asarray(getattr(m, f"x_{split}")), getattr(a, f"x_{split}"))
+        np.testing.assert_array_equal(getattr(m, f"y_{split}"), getattr(a, f"y_{split}"))
+    idx = np.array([7, 2, 150, 2, 0])  # unsorted, repeated: rows come back in the order asked
+    np.testing.assert_array_equal(m.x_train.take(idx), a.x_train[idx])
+    np.testing.assert_array_equal(np.asarray(m.x_train[10:20][[3, 1]]), a.x_train[10:20][[3, 1]])
+
+
+def test_moments_in_chunks_match_numpy():
+    x = np.random.default_rng(1).normal(5, 3, (1000, 3, 4, 4)).astype(np.float32)
+    mean, std, lo, hi, n = mapped.moments([x[i:i + 97] for i in range(0, 1000, 97)], (0, 2, 3))
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=(0, 2, 3), dtype=np.float64), rtol=1e-10)
+    assert (lo, hi, n) == (min(0.0, float(x.min())), float(x.max()), 16000)
+
+
+def test_reads_reopen_the_map_as_pages_add_up(tmp_path, monkeypatch):
+    folder, _ = _write(tmp_path, _images)
+    rows = mapped.mapped_input(np.load(folder / "x_train.npy", mmap_mode="r"), "nhwc", "x_train")
+    monkeypatch.setattr(mapped, "REMAP_BYTES", 10 * 4096)  # 10 pages: a map per 10 rows of this set
+    first = rows.raw
+    before = rows.take(np.arange(5))
+    assert rows.raw is first
+    rows.take(np.arange(5, 12))
+    assert rows.raw is not first  # closed and re-opened, and read the same way after it
+    np.testing.assert_array_equal(rows.take(np.arange(5)), before)
+
+
+def test_npy_folder_bad_input(tmp_path):
+    folder, _ = _write(tmp_path, _features)
+    (folder / "y_test.npy").unlink()
+    with pytest.raises(DataError, match="missing y_test.npy"):
+        D.load_dataset(str(folder))
+    np.save(folder / "y_test.npy", np.zeros(59, np.int64))
+    with pytest.raises(DataError, match="x_test.npy has 60 rows but y_test.npy 59"):
+        D.load_dataset(str(folder))
+    np.save(folder / "y_test.npy", np.zeros(60, np.int64))
+    np.save(folder / "x_test.npy", np.array([["a"]] * 60))
+    with pytest.raises(DataError, match="inputs must be numbers"):
+        D.load_dataset(str(folder))
+    bad = np.load(folder / "x_train.npy")
+    bad[17, 1] = np.nan
+    np.save(folder / "x_train.npy", bad)
+    np.save(folder / "x_test.npy", bad[:60])
+    with pytest.raises(DataError, match="NaN or inf"):
+        D.load_dataset(str(folder))
+
+
+def test_training_from_the_map_equals_training_in_memory(tmp_path):
+    """The same seed trains the same generalist, and distils the same student through the
+    soft-target cache, whether the inputs are memory-mapped or in memory."""
+    import torch
+
+    from distill.config import DistillConfig
+    from distill.stage import run as distill
+    from generalist.stage import run as train
+    from kdens.config import GeneralistConfig, build
+    from kdens.models import load_model
+
+    folder, npz = _write(tmp_path, _images)
+    runs = {}
+    for name, spec in (("mem", npz), ("map", folder)):
+        gen = train(build(GeneralistConfig, {"data": str(spec), "model": "mlp", "model_args": {"hidden": [32]},
+                                             "epochs": 10, "batch_size": 32, "lr": 1e-2}),
+                    tmp_path / name / "gen", progress=False)
+        student = distill(build(DistillConfig, {"teacher": str(gen), "model": "mlp", "model_args": {"hidden": [16]},
+                                                "transfer": "fraction=0.5", "temperature": 2.0, "alpha": 0.3,
+                                                "epochs": 3, "batch_size": 32}),
+                          tmp_path / name / "student", progress=False)
+        runs[name] = (gen, student)
+    for i in range(2):
+        a, b = load_model(runs["mem"][i])[0].state_dict(), load_model(runs["map"][i])[0].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"run {i}: the weights differ"
+        ma = json.loads((runs["mem"][i] / "metrics.json").read_text())
+        mb = json.loads((runs["map"][i] / "metrics.json").read_text())
+        assert ma["test_errors"] == mb["test_errors"] and ma["test_errors"] < 20  # 60 test images, 3 classes
