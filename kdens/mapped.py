@@ -9,15 +9,18 @@ when something asks for its values (``take``, ``np.asarray``) — rows in sorted
 converted exactly as the in-memory path converts whole arrays (NHWC to NCHW, uint8 / 255),
 so both paths train the same model from the same seed.
 
-Pages a memory map has touched count in the process's resident set until the map is
-closed, even though the kernel could drop them; a training epoch touches every page.
-So the map is re-opened after every :data:`REMAP_BYTES` of pages read, which bounds the
-resident set by that budget instead of by the file's size.
+Pages read through a memory map stay in the process's resident set until the map is
+closed, and the kernel maps whole folios around each touched row, so an epoch of random
+batches read through the map would bring the whole file in. Batches are therefore read
+with positional reads of the file (sorted rows, one read per run of consecutive rows), and
+the streaming passes with plain reads: both go through the page cache, which the kernel
+reclaims, and the resident set stays at about one batch however large the file is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +28,45 @@ import numpy as np
 from kdens.errors import DataError
 
 NPY_FILES = ("x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy")
-REMAP_BYTES = 256 << 20
-"""Pages read through one map before it is closed and re-opened (bounds the resident set)."""
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 """Bytes per chunk of the streaming passes (fingerprint, statistics, finite checks)."""
-_PAGE = 4096
 
 
 class _Source:
-    """One ``.npy`` file as a read-only memory map that is re-opened as pages add up."""
+    """One ``.npy`` file: its memory map (shape, dtype, where the data starts) and a descriptor
+    that batches are read through."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         self.row_bytes = int(np.prod(self.array.shape[1:], dtype=np.int64)) * self.array.itemsize
-        self._touched = 0
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def rows(self, sorted_idx: np.ndarray) -> np.ndarray:
-        """A copy of the rows ``sorted_idx`` (ascending), read through the map."""
-        out = self.array[sorted_idx]  # fancy indexing copies: the batch is ours, not the map's
-        self._touched += len(sorted_idx) * max(self.row_bytes, _PAGE)
-        if self._touched >= REMAP_BYTES:
-            self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)  # the old map closes
-            self._touched = 0
+        """The rows ``sorted_idx`` (ascending), read with one positional read per run of consecutive rows.
+
+        Reading through the map would be simpler, but every page a map has touched stays in
+        the resident set until the map closes, and the kernel maps whole folios around each
+        touched row: an epoch of random batches would bring the whole file in.
+        """
+        out = np.empty((len(sorted_idx), *self.array.shape[1:]), self.array.dtype)
+        if not len(sorted_idx):
+            return out
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        cuts = np.flatnonzero(np.diff(sorted_idx) != 1) + 1  # runs of consecutive rows
+        for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(sorted_idx)]])):
+            lo, hi = int(a) * self.row_bytes, int(b) * self.row_bytes
+            pos = self.array.offset + int(sorted_idx[a]) * self.row_bytes
+            while lo < hi:
+                got = os.preadv(self._fd, [buf[lo:hi]], pos)
+                if got <= 0:
+                    raise DataError(f"{self.path}: the file ended early (truncated while in use?)")
+                lo, pos = lo + got, pos + got
         return out
 
 
@@ -147,6 +166,9 @@ def load_npy_folder(path: Path) -> dict:
         except (OSError, ValueError) as e:
             raise DataError(f"{path / name}: not a readable .npy array ({e}); save it with numpy.save") from None
         if key.startswith("x"):
+            if not a.flags.c_contiguous:  # read by rows: a Fortran-order file has no rows on disk
+                raise DataError(f"{path / name} is stored in Fortran order; save it with "
+                                "numpy.save(path, numpy.ascontiguousarray(x))")
             if a.ndim not in (2, 3, 4):
                 raise DataError(f"{path / name} must be (N, D), (N, H, W), (N, C, H, W) or (N, H, W, C), "
                                 f"got {a.shape}")
@@ -173,9 +195,21 @@ def mapped_input(raw: np.memmap, layout: str, source: str) -> MappedRows:
 
 
 def row_chunks(a: np.ndarray, chunk_bytes: int = CHUNK_BYTES):
-    """``a`` in consecutive row chunks of about ``chunk_bytes`` (views of a memory map read nothing yet)."""
+    """``a`` in consecutive row chunks of about ``chunk_bytes``.
+
+    A memory map is read with plain file reads, not through the map: pages read through a
+    map stay in the resident set while it is open, file reads only pass through the page cache.
+    """
     row = max(1, int(np.prod(a.shape[1:], dtype=np.int64)) * a.itemsize)
     step = max(1, chunk_bytes // row)
+    if isinstance(a, np.memmap) and a.filename is not None:
+        with open(a.filename, "rb") as f:
+            for i in range(0, len(a), step):
+                k = min(step, len(a) - i)
+                f.seek(a.offset + i * row)
+                buf = f.read(k * row)
+                yield np.frombuffer(buf, a.dtype).reshape(k, *a.shape[1:])
+        return
     for i in range(0, len(a), step):
         yield a[i:i + step]
 
