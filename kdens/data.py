@@ -305,11 +305,9 @@ def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
     if layout not in ("nchw",):  # a new reading of the same arrays is a different dataset
         split["layout"] = layout
     fingerprint = _fingerprint(raw, split)
-    if isinstance(raw["x_train"], np.memmap):  # an .npy folder: inputs stay on disk, read per batch
-        x_train, x_test = (mapped_input(raw[k], layout, source) for k in ("x_train", "x_test"))
-    else:
-        x_train = _to_model_input(raw["x_train"], layout, source)
-        x_test = _to_model_input(raw["x_test"], layout, source)
+    # memory maps (an .npy folder, a large image folder's decoded cache) stay on disk, read per batch
+    x_train, x_test = (mapped_input(raw[k], layout, source) if isinstance(raw[k], np.memmap)
+                       else _to_model_input(raw[k], layout, source) for k in ("x_train", "x_test"))
     if val_fraction > 0:
         val_idx = stratified_subset(y_train, val_fraction, split_seed)
         mask = np.ones(len(y_train), bool)

@@ -126,3 +126,32 @@ def test_training_from_the_map_equals_training_in_memory(tmp_path):
         ma = json.loads((runs["mem"][i] / "metrics.json").read_text())
         mb = json.loads((runs["map"][i] / "metrics.json").read_text())
         assert ma["test_errors"] == mb["test_errors"] and ma["test_errors"] < 20  # 60 test images, 3 classes
+
+
+def test_large_image_folder_is_decoded_once_into_a_mapped_cache(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from kdens import loaders
+
+    monkeypatch.setenv("KDENS_DATA", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    x, y = _images(40, rng)
+    for i in range(40):
+        (tmp_path / "photos" / f"k{y[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(tmp_path / "photos" / f"k{y[i]}" / f"{i:03d}.png")
+    small = D.load_dataset(str(tmp_path / "photos"), val_fraction=0.0)
+    assert isinstance(small.x_train, np.ndarray) and not (tmp_path / "cache").exists()
+    monkeypatch.setattr(loaders, "IN_MEMORY_BYTES", 100)  # every split is "large" now
+    big = D.load_dataset(str(tmp_path / "photos"), val_fraction=0.0)
+    assert isinstance(big.x_train, mapped.MappedRows) and isinstance(big.x_test, mapped.MappedRows)
+    assert big.fingerprint == small.fingerprint and big.input_shape == (3, 8, 8)
+    np.testing.assert_array_equal(np.asarray(big.x_train), small.x_train)
+    np.testing.assert_array_equal(np.asarray(big.x_test), small.x_test)
+    cached = sorted((tmp_path / "cache" / "decoded").iterdir())
+    assert len(cached) == 2 and all(p.suffix == ".npy" for p in cached)  # train and test, no temp files left
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    D.load_dataset(str(tmp_path / "photos"), val_fraction=0.0)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # found, not decoded again
+    Image.fromarray(x[0][::-1]).save(next((tmp_path / "photos").glob("k*/000.png")))
+    again = D.load_dataset(str(tmp_path / "photos"), val_fraction=0.0)
+    assert again.fingerprint != small.fingerprint and len(list((tmp_path / "cache" / "decoded").iterdir())) == 3
