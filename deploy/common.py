@@ -20,6 +20,7 @@ from torch import nn
 
 from kdens import metrics
 from kdens.errors import ConfigError
+from kdens.mapped import MappedRows
 
 QUANTIZE_MODES = ("none", "int8", "dynamic")
 IO_MODES = ("float", "int8")
@@ -52,7 +53,8 @@ class DeployData:
     """Test labels."""
 
     def __post_init__(self) -> None:
-        self.x_calib = np.ascontiguousarray(self.x_calib, dtype=np.float32)
+        if not isinstance(self.x_calib, MappedRows):  # memory-mapped rows stay on disk: calib_sample reads a sample
+            self.x_calib = np.ascontiguousarray(self.x_calib, dtype=np.float32)
         self.x_test = np.ascontiguousarray(self.x_test, dtype=np.float32)
         self.y_test = np.asarray(self.y_test, dtype=np.int64)
         if len(self.x_test) != len(self.y_test):
@@ -158,9 +160,9 @@ def calib_sample(data: DeployData, opts: DeployOptions) -> np.ndarray:
     """A seeded sample of ``calib_size`` rows of ``x_calib`` (all rows if fewer)."""
     n = len(data.x_calib)
     if opts.calib_size >= n:
-        return data.x_calib
+        return np.ascontiguousarray(data.x_calib, dtype=np.float32)
     idx = np.sort(np.random.default_rng(opts.seed).choice(n, opts.calib_size, replace=False))
-    return data.x_calib[idx]
+    return np.ascontiguousarray(data.x_calib[idx], dtype=np.float32)
 
 
 def compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray | None = None) -> dict:

@@ -155,3 +155,22 @@ def test_large_image_folder_is_decoded_once_into_a_mapped_cache(tmp_path, monkey
     Image.fromarray(x[0][::-1]).save(next((tmp_path / "photos").glob("k*/000.png")))
     again = D.load_dataset(str(tmp_path / "photos"), val_fraction=0.0)
     assert again.fingerprint != small.fingerprint and len(list((tmp_path / "cache" / "decoded").iterdir())) == 3
+
+
+def test_deploy_int8_calibrates_from_a_sample_of_the_map(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from click.testing import CliRunner
+
+    from kdens.app.cli import cli
+
+    folder, _ = _write(tmp_path, _features)
+    r = CliRunner().invoke(cli, ["train-generalist", "--data", str(folder), "--model", "mlp", "--model-arg", "hidden=16",
+                                 "--epochs", "30", "--quiet", "--out", str(tmp_path / "gen")])
+    assert r.exit_code == 0, r.output
+    acc = json.loads((tmp_path / "gen" / "metrics.json").read_text())["test_accuracy"]
+    r = CliRunner().invoke(cli, ["deploy", "--model", str(tmp_path / "gen"), "--target", "onnx", "--quantize", "int8",
+                                 "--calib-size", "64", "--threads", "1", "--batch-sizes", "1",
+                                 "--out", str(tmp_path / "dep")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "dep" / "onnx-int8" / "report.json").read_text())
+    assert rep["n_calib"] == 64 and rep["float_accuracy"] == pytest.approx(acc) and rep["accuracy"] >= acc - 0.05
