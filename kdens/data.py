@@ -21,7 +21,7 @@ import numpy as np
 from kdens import datasets
 from kdens.datasets import IDX_FILES
 from kdens.errors import DataError
-from kdens.mapped import MappedRows, hash_array, is_npy_folder, load_npy_folder, mapped_input, moments
+from kdens.mapped import float_chunks, hash_array, is_npy_folder, load_npy_folder, mapped_input, moments
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -243,9 +243,9 @@ def normalization(x_train: np.ndarray, layout: str) -> dict | None:
     [0, 1] floats. A constant feature or channel gets std 1 (it then only shifts).
     """
     axes = (0,) if layout == "features" else (0, 2, 3)
-    # one pass, chunk by chunk, so a memory-mapped training split is never copied whole
-    chunks = x_train.chunks() if isinstance(x_train, MappedRows) else [x_train]
-    mean, std, lo, hi, _ = moments(chunks, axes)
+    # one pass, chunk by chunk (in memory too: the float64 temporaries stay small), cut at the
+    # same rows whether the split is in memory or memory-mapped, so both get the same numbers
+    mean, std, lo, hi, _ = moments(float_chunks(x_train), axes)
     if layout != "features" and lo >= 0.0 and hi <= 1.0:
         return None
     std[std < 1e-12] = 1.0

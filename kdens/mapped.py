@@ -125,9 +125,8 @@ class MappedRows:
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES):
         """The view's values in consecutive float32 chunks of about ``chunk_bytes``."""
-        step = max(1, chunk_bytes // max(1, 4 * int(np.prod(self.shape[1:], dtype=np.int64))))
-        for i in range(0, len(self), step):
-            yield self.take(np.arange(i, min(i + step, len(self))))
+        for i in range(0, len(self), _float_rows(self.shape, chunk_bytes)):
+            yield self.take(np.arange(i, min(i + _float_rows(self.shape, chunk_bytes), len(self))))
 
     def __array__(self, dtype=None, copy=None):
         # everything at once: correct, but the whole view in memory; the training loop and
@@ -146,6 +145,22 @@ class MappedRows:
         else:
             out = x.astype(np.float32)
         return np.ascontiguousarray(out)
+
+
+def _float_rows(shape: tuple[int, ...], chunk_bytes: int) -> int:
+    """Rows of float32 ``shape[1:]`` in a chunk of about ``chunk_bytes``."""
+    return max(1, chunk_bytes // max(1, 4 * int(np.prod(shape[1:], dtype=np.int64))))
+
+
+def float_chunks(x, chunk_bytes: int = CHUNK_BYTES):
+    """Model inputs (float32, in memory or :class:`MappedRows`) in consecutive row chunks, cut at the
+    same rows either way, so statistics over them are the same numbers whichever way the data came."""
+    if isinstance(x, MappedRows):
+        yield from x.chunks(chunk_bytes)
+        return
+    step = _float_rows(x.shape, chunk_bytes)
+    for i in range(0, len(x), step):
+        yield x[i:i + step]
 
 
 def is_npy_folder(path: Path) -> bool:
@@ -239,7 +254,7 @@ def moments(chunks, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, floa
             if a not in axes:
                 shape[a] = x.shape[a]
         d = x - mu.reshape(shape)
-        s = np.sum(d * d, axis=axes)
+        s = np.sum(np.multiply(d, d, out=d), axis=axes)  # squared in place, as numpy's std does
         if mean is None:
             n, mean, m2 = k, mu, s
         else:

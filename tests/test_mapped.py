@@ -60,6 +60,17 @@ def test_npy_folder_is_mapped_and_equals_the_npz(tmp_path, make):
     np.testing.assert_array_equal(np.asarray(m.x_train[10:20][[3, 1]]), a.x_train[10:20][[3, 1]])
 
 
+def test_statistics_are_the_same_numbers_in_memory_and_mapped(tmp_path):
+    folder, npz = _write(tmp_path, _features)
+    m = mapped.mapped_input(np.load(folder / "x_train.npy", mmap_mode="r"), "features", "x")
+    a = D.load_dataset(str(npz), val_fraction=0.0).x_train
+    for chunk_bytes in (100, 1000, 1 << 20):  # 8, 83 and all 240 rows a chunk
+        got = mapped.moments(mapped.float_chunks(m, chunk_bytes), (0,))
+        want = mapped.moments(mapped.float_chunks(a, chunk_bytes), (0,))
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+        np.testing.assert_allclose(got[1], a.std(0, dtype=np.float64), rtol=1e-9)
+
+
 def test_moments_in_chunks_match_numpy():
     x = np.random.default_rng(1).normal(5, 3, (1000, 3, 4, 4)).astype(np.float32)
     mean, std, lo, hi, n = mapped.moments([x[i:i + 97] for i in range(0, 1000, 97)], (0, 2, 3))
