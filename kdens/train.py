@@ -2,8 +2,8 @@
 
 Data lives in memory (on the GPU when training there) and is batched by index, which
 avoids DataLoader overhead for data that fits; data that does not (an .npy folder,
-``kdens.mapped``) stays memory-mapped and each batch is read when the sampler draws it. Stages swap the loss (``loss_fn``) and
-the batch composition (``sampler``); everything else — optimizer, schedule, max-norm,
+``kdens.mapped``) stays on disk and each batch is read when the sampler draws it. Stages
+swap the loss (``loss_fn``) and the batch composition (``sampler``); everything else — optimizer, schedule, max-norm,
 jitter, early stopping, checkpoint/resume, progress, the health checks of ``kdens.health``
 (NaN, dead units, a run that ends at chance fails with exit code 1), DDP — is shared.
 """
