@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-        a.out.with_suffix(".md").write_text(text + "\n")
+        a.out.with_name(a.out.name + ".json").write_text(json.dumps(res, indent=2) + "\n")
+        a.out.with_name(a.out.name + ".md").write_text(text + "\n")
     return 0 if all(res[k]["exit"] == 0 for k in ("mapped_big", "mapped_small", "in_memory_small")) else 1
 
 

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=None, help="results prefix: writes PREFIX.json and PREFIX.md")
     a = p.parse_args(argv)
     res: dict = {"argv": sys.argv[1:], "rows": a.rows, "seed": a.seed}
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         kdens(["train-generalist", "--data", data, "--model", "mlp", "--model-arg", "hidden=32",
                *common, "--out", str(w / "twin")], log)
         kdens(["distill", "--teacher", str(w / "teacher"), "--model", "mlp", "--model-arg", "hidden=32",
-               "--temperature", "4", "--alpha", "0.1", *common, "--baseline", str(w / "twin"),
+               "--temperature", str(a.temperature), "--alpha", str(a.alpha), *common, "--baseline", str(w / "twin"),
                "--out", str(w / "student")], log)
         kdens(["deploy", "--model", str(w / "student"), "--target", "onnx", "--quantize", "int8", "--threads", "1",
                "--batch-sizes", "1", "--out", str(w / "deploy")], log)
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-        a.out.with_suffix(".md").write_text(text + "\n")
+        a.out.with_name(a.out.name + ".json").write_text(json.dumps(res, indent=2) + "\n")
+        a.out.with_name(a.out.name + ".md").write_text(text + "\n")
     return 0
 
 
