@@ -20,6 +20,7 @@ from torch import nn
 
 from kdens import metrics
 from kdens.errors import ConfigError
+from kdens.mapped import MappedRows
 
 QUANTIZE_MODES = ("none", "int8", "dynamic")
 IO_MODES = ("float", "int8")
@@ -58,9 +59,15 @@ class DeployData:
     input: dict | None = None
     """The raw-input description x follows (``kdens.raw_input.describe``); None: float32 model inputs."""
 
+    @property
+    def dtype(self) -> type:
+        """What the artifact takes: uint8 for raw uint8 images, else float32."""
+        return np.uint8 if (self.input or {}).get("dtype") == "uint8" else np.float32
+
     def __post_init__(self) -> None:
-        dtype = np.uint8 if (self.input or {}).get("dtype") == "uint8" else np.float32
-        self.x_calib = np.ascontiguousarray(self.x_calib, dtype=dtype)
+        dtype = self.dtype
+        if not isinstance(self.x_calib, MappedRows):  # memory-mapped rows stay on disk: calib_sample reads a sample
+            self.x_calib = np.ascontiguousarray(self.x_calib, dtype=dtype)
         self.x_test = np.ascontiguousarray(self.x_test, dtype=dtype)
         self.y_test = np.asarray(self.y_test, dtype=np.int64)
         if len(self.x_test) != len(self.y_test):
@@ -167,13 +174,18 @@ def input_array(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32)
 
 
+def sample_rows(x, size: int, seed: int):
+    """A seeded sample of ``size`` rows of ``x`` in row order (``x`` itself if it has no more).
+    On memory-mapped rows the sample is still a view: nothing is read until it is used."""
+    n = len(x)
+    if size >= n:
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(n, size, replace=False))]
+
+
 def calib_sample(data: DeployData, opts: DeployOptions) -> np.ndarray:
     """A seeded sample of ``calib_size`` rows of ``x_calib`` (all rows if fewer)."""
-    n = len(data.x_calib)
-    if opts.calib_size >= n:
-        return data.x_calib
-    idx = np.sort(np.random.default_rng(opts.seed).choice(n, opts.calib_size, replace=False))
-    return data.x_calib[idx]
+    return np.ascontiguousarray(sample_rows(data.x_calib, opts.calib_size, opts.seed), dtype=data.dtype)
 
 
 def compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray | None = None) -> dict:

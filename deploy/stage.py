@@ -15,11 +15,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from deploy.common import DeployData
+import numpy as np
+
+from deploy.common import DeployData, sample_rows
 from deploy.config import DEFAULT_FPGA_PRECISION, DeployConfig
 from deploy.report import evaluate_gates, gate_failure_message, write_report
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file, write_manifest
 from kdens.errors import ArtifactError, GateFailed
+from kdens.mapped import MappedRows
 from kdens.models import load_model
 from kdens.raw_input import RawInput, artifact_input, to_raw
 from kdens.runs import data_config, run_data
@@ -60,8 +63,12 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
     else:  # ONNX and TFLite files take the user's raw arrays; every gate feeds them exactly those
         raw = data.raw_input
         model = RawInput(model, raw)
-        arrays = DeployData(x_calib=to_raw(data.x_train, raw), x_test=to_raw(data.x_test, raw),
-                            y_test=data.y_test, input=raw)
+        x_calib, x_test = data.x_train, data.x_test
+        if isinstance(x_calib, MappedRows):  # read only the calibration rows calib_sample would pick
+            x_calib = np.asarray(sample_rows(x_calib, opts.calib_size, opts.seed))
+        if isinstance(x_test, MappedRows):  # every test row feeds the gates
+            x_test = np.asarray(x_test)
+        arrays = DeployData(x_calib=to_raw(x_calib, raw), x_test=to_raw(x_test, raw), y_test=data.y_test, input=raw)
     if cfg.target == "fpga":
         report = module.deploy(model, arrays, opts, run_dir, precision=cfg.precision or DEFAULT_FPGA_PRECISION,
                                sweep=cfg.sweep, min_agreement=cfg.min_agreement)

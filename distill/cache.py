@@ -270,3 +270,72 @@ def _compute(
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
     return h.hexdigest(), c
+
+
+# ---------------------------------------------------------------- sharded builds (torchrun)
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``n`` that ``rank`` of ``world`` scores: contiguous, sizes differing by one at most."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def load_finished(cache_dir: Path, key: str, n: int, verify: bool = True) -> tuple[np.memmap | None, dict]:
+    """The finished cache for ``key`` (and its info dict), or (None, {"why": ...}) when there is none."""
+    t0 = time.perf_counter()
+    d = Path(cache_dir) / key
+    arr, why = _try_load(d, key, n, verify)
+    if arr is None:
+        return None, {"why": why}
+    m = json.loads((d / "manifest.json").read_text())
+    return arr, {"reused": True, "seconds": time.perf_counter() - t0, "build_seconds": float(m.get("seconds", 0.0)),
+                 "path": str(d / "logits.npy"), "shape": list(arr.shape)}
+
+
+def score_rows(x, teacher_fn: Callable[[Tensor], Tensor], batch_size: int, device: str | torch.device,
+               progress: bool = False) -> np.ndarray:
+    """Teacher scores (N, C) float32 of ``x`` in memory: one rank's shard of a sharded build.
+
+    Checked like a single-process build (shape, NaN, +inf), by going through the same code
+    into a temporary file that is read back and removed.
+    """
+    if len(x) == 0:
+        return np.empty((0, 0), np.float32)
+    with tempfile.TemporaryDirectory(prefix="kdens-shard-") as tmp:
+        path = Path(tmp) / "scores.npy"
+        _compute(path, x, teacher_fn, int(batch_size), device, progress)
+        return np.load(path)
+
+
+def store(cache_dir: Path, key: str, scores: np.ndarray, *, meta: dict | None, batch_size: int,
+          device: str | torch.device, seconds: float, extra: dict | None = None) -> dict:
+    """Write gathered scores (N, C) as a finished cache: array then manifest, each atomically.
+
+    Returns:
+        the info dict of :func:`build_or_load` (``reused`` False).
+    """
+    if not _KEY_RE.match(key):
+        raise ConfigError(f"cache key {key!r} must be a plain file name (letters, digits, _ . -)")
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    d = Path(cache_dir) / key
+    d.mkdir(parents=True, exist_ok=True)
+    manifest_path, logits_path = d / "manifest.json", d / "logits.npy"
+    manifest_path.unlink(missing_ok=True)  # from here on the folder reads as unfinished
+    fd, tmp_name = tempfile.mkstemp(dir=d, prefix="logits.npy.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array(f, scores, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, logits_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_write_json(manifest_path, {
+        "stage": "soft_targets", "format": CACHE_FORMAT, "key": key, "shape": list(scores.shape),
+        "dtype": "float32", "sha256": _sha256_file_data(scores), "seconds": seconds,
+        "batch_size": int(batch_size), "device": str(device), "meta": meta if meta is not None else {},
+        **(extra or {}), "complete": True})
+    return {"reused": False, "seconds": seconds, "build_seconds": seconds, "path": str(logits_path),
+            "shape": list(scores.shape)}

@@ -2,7 +2,8 @@
 
 ``kdens.train.fit`` is the one training loop; distillation only swaps its loss. The
 loss sees the batch's row indices into the transfer set, so cached teacher scores are
-one device-resident tensor indexed per step (no numpy, no host round trip). With
+one device-resident tensor indexed per step (no numpy, no host round trip); under
+torchrun every rank scores a slice of the transfer set when the cache is built. With
 jitter the cached scores would describe images the student never saw, so the teacher
 runs online on the augmented batch instead.
 """
@@ -10,6 +11,8 @@ runs online on the augmented batch instead.
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.cache import build_or_load
+from distill.cache import build_or_load, load_finished, score_rows, shard_bounds, store
 from kdens.errors import KdensError, ModelError, TrainingError
 from kdens.train import distributed
 
@@ -96,27 +99,78 @@ def agree(error: BaseException | None) -> None:
 
 def cached_targets(cache_dir: Path, key: str, x: np.ndarray, teacher: Callable[[Tensor], Tensor],
                    device: torch.device, batch_size: int, progress: bool, meta: dict) -> tuple[Tensor, dict]:
-    """Teacher scores over ``x`` from the cache (built once, on rank 0) as a tensor on ``device``.
+    """Teacher scores over ``x`` from the cache (built once, sharded across ranks) as a tensor on ``device``.
 
     ``teacher`` maps a batch to scores (``distill.teachers.soft_scores_fn``); ``key`` must
-    name everything they depend on, the temperature included when they depend on it.
+    name everything they depend on, the temperature included when they depend on it. Under
+    torchrun a missing cache is built by every rank: each scores its contiguous slice of
+    ``x`` (:func:`distill.cache.shard_bounds`), rank 0 gathers the slices and writes the
+    cache atomically, and the others wait for it.
 
     Returns:
         (scores (N, C) float32 on ``device``, the cache's info dict).
     """
     rank, world = distributed()
-    err, info = None, {}
+    if world == 1:
+        _, info = build_or_load(cache_dir, key, x, teacher, batch_size, device, progress, meta=meta)
+    else:
+        info = _sharded(cache_dir, key, x, teacher, device, batch_size, progress and rank == 0, meta, rank, world)
+    arr = np.load(info["path"], mmap_mode="r")
+    # one copy into the device's memory; per step the loss only indexes it
+    return torch.from_numpy(np.array(arr, dtype=np.float32)).to(device), info
+
+
+def _sharded(cache_dir: Path, key: str, x, teacher, device, batch_size: int, progress: bool, meta: dict,
+             rank: int, world: int) -> dict:
+    t0 = time.perf_counter()
+    n = len(x)
+    found = torch.zeros(1, dtype=torch.long, device=_comm_device())
+    if rank == 0:
+        arr, info = load_finished(cache_dir, key, n)
+        found += int(arr is not None)
+        if arr is None and info["why"] is not None:
+            warnings.warn(f"soft-target cache {Path(cache_dir) / key}: {info['why']}; rebuilding it", RuntimeWarning,
+                          stacklevel=3)
+    torch.distributed.broadcast(found, 0)  # every rank takes rank 0's answer: no rank builds what another reads
+    if int(found):
+        _, info = load_finished(cache_dir, key, n, verify=rank == 0)
+        return info
+    err, part = None, np.empty((0, 0), np.float32)
+    lo, hi = shard_bounds(n, rank, world)
+    try:
+        part = score_rows(x[lo:hi], teacher, batch_size, device, progress)  # (hi - lo, C)
+    except (KdensError, OSError) as e:
+        err = e
+    agree(err)
+    classes = torch.tensor([part.shape[1] if len(part) else 0], device=_comm_device())
+    torch.distributed.all_reduce(classes, op=torch.distributed.ReduceOp.MAX)
+    rows = -(-n // world)  # the largest shard's rows: every slice is padded to it for the gather
+    mine = torch.zeros(rows, int(classes), dtype=torch.float32, device=_comm_device())
+    if len(part):
+        mine[: len(part)] = torch.from_numpy(part)
+    gathered = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
+    torch.distributed.gather(mine, gathered, dst=0)
+    info: dict = {}
     if rank == 0:
         try:
-            _, info = build_or_load(cache_dir, key, x, teacher, batch_size, device, progress, meta=meta)
+            bounds = [shard_bounds(n, r, world) for r in range(world)]
+            scores = np.concatenate([g[: b - a].cpu().numpy() for g, (a, b) in zip(gathered, bounds)])  # (N, C)
+            info = store(cache_dir, key, scores, meta=meta, batch_size=batch_size, device=device,
+                         seconds=time.perf_counter() - t0, extra={"shards": [list(b) for b in bounds]})
         except (KdensError, OSError) as e:
             err = e
     agree(err)  # doubles as the barrier: the other ranks read the finished cache
     if rank != 0:
-        _, info = build_or_load(cache_dir, key, x, teacher, batch_size, device, False, meta=meta)
-    arr = np.load(info["path"], mmap_mode="r")
-    # one copy into the device's memory; per step the loss only indexes it
-    return torch.from_numpy(np.array(arr, dtype=np.float32)).to(device), info
+        _, info = load_finished(cache_dir, key, n, verify=False)
+        info = {**info, "reused": False}
+    return info
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the GPU under NCCL, the CPU under gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- the omitted classes' bias

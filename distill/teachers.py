@@ -48,6 +48,7 @@ from kdens.artifacts import MANIFEST, read_manifest, sha256_file
 from kdens.errors import ArtifactError, ConfigError
 from kdens.models import load_model
 from kdens.runs import data_config
+from kdens.train import batches
 
 # describe() keys that say where a teacher lives, not what it answers: left out of the
 # soft-target cache key so that a moved run folder or another device still hits the cache
@@ -253,6 +254,5 @@ def cache_options(teacher: Teacher) -> dict:
 @torch.inference_mode()
 def teacher_log_probs(teacher: Teacher, x, batch_size: int = 2048) -> Tensor:
     """The teacher's log-probabilities (N, C) on ``x``, batched, as float32 on the CPU."""
-    xt = torch.as_tensor(x)
-    out = [teacher(xt[i: i + batch_size]).float().cpu() for i in range(0, len(xt), batch_size)]
+    out = [teacher(xb).float().cpu() for xb in batches(x, batch_size)]
     return torch.cat(out) if out else torch.empty(0, teacher.num_classes)

@@ -21,6 +21,7 @@ import numpy as np
 from kdens import datasets
 from kdens.datasets import IDX_FILES
 from kdens.errors import DataError
+from kdens.mapped import float_chunks, hash_array, is_npy_folder, load_npy_folder, mapped_input, moments
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -31,7 +32,8 @@ NAMED_CLASSES = {"mnist": [str(i) for i in range(10)], "fashion-mnist": FASHION_
 DATA_SPECS_HELP = (
     "'digits', 'mnist', 'fashion-mnist' (fetched once into $KDENS_DATA, default ~/.cache/kdens), "
     "a folder of MNIST-format IDX files, an image folder (DIR/<class>/*.png, or DIR/train/ and DIR/test/), "
-    "an .npz with x_train, y_train, x_test, y_test, or a CSV (train.csv or train.csv,test.csv)"
+    "an .npz with x_train, y_train, x_test, y_test (or a folder of those four as .npy files, read memory-mapped), "
+    "or a CSV (train.csv or train.csv,test.csv)"
 )
 
 
@@ -244,11 +246,12 @@ def normalization(x_train: np.ndarray, layout: str) -> dict | None:
     Features always do (their natural ranges differ); images only when they are not uint8 or
     [0, 1] floats. A constant feature or channel gets std 1 (it then only shifts).
     """
-    if layout != "features" and float(x_train.min(initial=0.0)) >= 0.0 and float(x_train.max(initial=0.0)) <= 1.0:
-        return None
     axes = (0,) if layout == "features" else (0, 2, 3)
-    mean = x_train.mean(axis=axes, dtype=np.float64)
-    std = x_train.std(axis=axes, dtype=np.float64)
+    # one pass, chunk by chunk (in memory too: the float64 temporaries stay small), cut at the
+    # same rows whether the split is in memory or memory-mapped, so both get the same numbers
+    mean, std, lo, hi, _ = moments(float_chunks(x_train), axes)
+    if layout != "features" and lo >= 0.0 and hi <= 1.0:
+        return None
     std[std < 1e-12] = 1.0
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "over": "train split",
             "per": "feature" if layout == "features" else "channel"}
@@ -270,9 +273,9 @@ def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 def _fingerprint(arrays: dict[str, np.ndarray], split: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
+        a = arrays[k]
         h.update(f"{k}:{a.dtype}:{a.shape};".encode())
-        h.update(a.tobytes())
+        hash_array(h, a)  # in chunks: the same digest as the whole array's bytes, without a copy of it
     h.update(repr(sorted(split.items())).encode())
     return h.hexdigest()
 
@@ -308,8 +311,9 @@ def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
     if layout not in ("nchw",):  # a new reading of the same arrays is a different dataset
         split["layout"] = layout
     fingerprint = _fingerprint(raw, split)
-    x_train = _to_model_input(raw["x_train"], layout, source)
-    x_test = _to_model_input(raw["x_test"], layout, source)
+    # memory maps (an .npy folder, a large image folder's decoded cache) stay on disk, read per batch
+    x_train, x_test = (mapped_input(raw[k], layout, source) if isinstance(raw[k], np.memmap)
+                       else _to_model_input(raw[k], layout, source) for k in ("x_train", "x_test"))
     if val_fraction > 0:
         val_idx = stratified_subset(y_train, val_fraction, split_seed)
         mask = np.ones(len(y_train), bool)
@@ -379,13 +383,15 @@ def load_dataset(spec: str, *, val_fraction: float = 0.1, split_seed: int = 0, l
     if path.is_dir():
         if any((path / stem).exists() or (path / f"{stem}.gz").exists() for stem in IDX_FILES.values()):
             return _build(path.name, load_idx_folder(path), None, str(path), val_fraction, split_seed, layout)
+        if is_npy_folder(path):
+            return _build(path.name, load_npy_folder(path), None, str(path), val_fraction, split_seed, layout)
         if loaders.is_image_folder(path):
             raw = loaders.load_image_folder(path, image_size=loaders.parse_image_size(image_size),
                                             test_fraction=test_fraction, seed=split_seed)
             return _build(path.name, raw, raw["class_names"], str(path), val_fraction, split_seed, layout,
                           channel_order="RGB")  # Pillow decodes colour images to RGB
-        raise DataError(f"--data {spec!r}: a folder, but neither MNIST-format IDX files nor an image folder "
-                        "(DIR/<class>/*.png or DIR/train/<class>/* and DIR/test/<class>/*)")
+        raise DataError(f"--data {spec!r}: a folder, but neither MNIST-format IDX files, x_train.npy (an .npy "
+                        "folder) nor an image folder (DIR/<class>/*.png or DIR/train/<class>/* and DIR/test/<class>/*)")
     if path.suffix == ".npz" and path.is_file():
         return _build(path.stem, _load_npz(path), None, str(path), val_fraction, split_seed, layout)
     if not path.exists():

@@ -10,7 +10,8 @@ Each loader returns raw arrays ``{x_train, y_train, x_test, y_test}`` plus class
   ``DIR/<class>/*`` tree split by the same seeded, stratified test fraction. PNG, JPEG and BMP
   are decoded with Pillow; grey images stay one channel, colour ones three (RGB); all images
   must share one size unless ``--image-size H,W`` resizes them. Images come back as uint8
-  ``(N, C, H, W)``.
+  ``(N, C, H, W)``, decoded one by one into a preallocated array; a split larger than
+  :data:`IN_MEMORY_BYTES` is decoded once into a cached .npy file and comes back memory-mapped.
 
 Labels of any values (integers, strings) map to 0..C-1 in sorted order, and the original
 values become the class names. What cannot be taken is refused by name: a non-numeric
@@ -21,6 +22,8 @@ seen in training.
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,9 @@ import numpy as np
 from kdens.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IN_MEMORY_BYTES = 1 << 30
+"""Decoded image splits up to this size are kept in memory; larger ones are decoded once into
+``$KDENS_DATA/decoded/`` and read memory-mapped, batch by batch (``kdens.mapped``)."""
 
 
 def map_labels(y_train: np.ndarray, y_test: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -181,30 +187,72 @@ def _images_of(root: Path) -> list[tuple[Path, str]]:
     return files
 
 
-def _decode(files: list[tuple[Path, str]], size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
-    """Decode images to uint8 (N, C, H, W); one mode and size for all (resized to ``size`` if given)."""
+def _decode_one(path: Path, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+    """One image -> uint8 (C, H, W) in ``channels`` (resized to ``size`` if given)."""
     from PIL import Image, UnidentifiedImageError
 
-    out = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-                if channels is None:
-                    channels = 1 if grey else 3
-                im = im.convert("L" if channels == 1 else "RGB")
-                if size is not None and im.size != (size[1], size[0]):
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot read this image ({e}); fix or remove it") from None
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        if out and a.shape != out[0].shape:
-            raise DataError(f"{path} is {a.shape[2]}x{a.shape[1]} but {files[0][0]} is "
-                            f"{out[0].shape[2]}x{out[0].shape[1]}; pass --image-size H,W to resize them all")
-        out.append(a)
-    return np.stack(out)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read this image ({e}); fix or remove it") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _decode(files: list[tuple[Path, str]], size: tuple[int, int] | None, channels: int,
+            cache: Path | None = None) -> np.ndarray:
+    """Decode images to uint8 (N, C, H, W); one size for all (resized to ``size`` if given).
+
+    Each image is written into its row of one preallocated array as it is decoded, never
+    gathered in a list first: in memory when the array is at most :data:`IN_MEMORY_BYTES`,
+    else into ``cache`` (an .npy file, written under a temporary name and moved into place
+    when complete), which is returned memory-mapped.
+    """
+    first = _decode_one(files[0][0], size, channels)
+    shape = (len(files), *first.shape)
+    if cache is not None and cache.is_file():
+        out = np.load(cache, mmap_mode="r")
+        if out.shape == shape and out.dtype == np.uint8:
+            return out
+    big = cache is not None and int(np.prod(shape)) > IN_MEMORY_BYTES
+    if big:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    else:
+        out = np.empty(shape, np.uint8)
+    try:
+        for i, (path, _) in enumerate(files):
+            a = first if i == 0 else _decode_one(path, size, channels)
+            if a.shape != first.shape:
+                raise DataError(f"{path} is {a.shape[2]}x{a.shape[1]} but {files[0][0]} is "
+                                f"{first.shape[2]}x{first.shape[1]}; pass --image-size H,W to resize them all")
+            out[i] = a
+        if big:
+            out.flush()
+            del out  # close the map before the file moves
+            os.replace(tmp, cache)
+    except BaseException:
+        if big:
+            tmp.unlink(missing_ok=True)
+        raise
+    return np.load(cache, mmap_mode="r") if big else out
+
+
+def decoded_cache(files: list[tuple[Path, str]], size: tuple[int, int] | None, channels: int) -> Path:
+    """Where a large image folder's decoded split is kept: ``$KDENS_DATA/decoded/<key>.npy``, the key
+    naming every file (path, size, modification time), the size asked for and the channels."""
+    from kdens.datasets import data_root
+
+    h = hashlib.sha256(repr((size, channels)).encode())
+    for path, label in files:
+        st = path.stat()
+        h.update(f"{path.resolve()}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return data_root() / "decoded" / f"{h.hexdigest()}.npy"
 
 
 def _channels(files: list[tuple[Path, str]]) -> int:
@@ -235,8 +283,8 @@ def load_image_folder(path: Path, *, image_size: tuple[int, int] | None, test_fr
         tr, te = split_by_fraction(labels, test_fraction, seed, str(path))
         train, test = [files[i] for i in tr], [files[i] for i in te]
     channels = _channels(train + test)
-    x_train = _decode(train, image_size, channels)
-    x_test = _decode(test, image_size, channels)
+    x_train = _decode(train, image_size, channels, decoded_cache(train, image_size, channels))
+    x_test = _decode(test, image_size, channels, decoded_cache(test, image_size, channels))
     if x_test.shape[1:] != x_train.shape[1:]:
         raise DataError(f"{path}: test images are {x_test.shape[1:]} but training images {x_train.shape[1:]}; "
                         "pass --image-size H,W")

@@ -28,8 +28,13 @@ def describe(x_train: np.ndarray, layout: str, channel_order: str | None = None)
     uint8 = x_train.dtype == np.uint8 and layout != "features"
     if uint8:
         lo, hi = 0.0, 255.0
+    elif x_train.size:  # in chunks: a memory-mapped .npy is read with file reads, never whole
+        from kdens.mapped import row_chunks
+
+        parts = [(float(c.min()), float(c.max())) for c in row_chunks(x_train)]
+        lo, hi = min(p[0] for p in parts), max(p[1] for p in parts)
     else:
-        lo, hi = (float(x_train.min()), float(x_train.max())) if x_train.size else (0.0, 0.0)
+        lo, hi = 0.0, 0.0
     shape = list(x_train.shape[1:])
     if layout != "features" and len(shape) == 2:  # (N, H, W) grey: the models add the channel axis
         shape = [1, *shape]

@@ -1,8 +1,9 @@
 """The one supervised training loop every stage reuses (generalist, members, specialists, students).
 
 Data lives in memory (on the GPU when training there) and is batched by index, which
-avoids DataLoader overhead for data that fits. Stages swap the loss (``loss_fn``) and
-the batch composition (``sampler``); everything else — optimizer, schedule, max-norm,
+avoids DataLoader overhead for data that fits; data that does not (an .npy folder,
+``kdens.mapped``) stays on disk and each batch is read when the sampler draws it. Stages
+swap the loss (``loss_fn``) and the batch composition (``sampler``); everything else — optimizer, schedule, max-norm,
 jitter, early stopping, checkpoint/resume, progress, the health checks of ``kdens.health``
 (NaN, dead units, a run that ends at chance fails with exit code 1), DDP — is shared.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ from torch import nn
 from kdens import health
 from kdens.config import EPOCHS_CAP_ENV, TrainConfig, without_unset_cap  # noqa: F401 (TrainConfig's old home)
 from kdens.errors import ConfigError, TrainingError, TrainingFailed
+from kdens.mapped import MappedRows
 from kdens.progress import Progress
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -166,6 +169,18 @@ def default_sampler(n: int, batch_size: int) -> Sampler:
     return sample
 
 
+def batches(x, batch_size: int) -> Iterable[torch.Tensor]:
+    """Consecutive row batches of ``x`` (an array, a tensor or memory-mapped rows) as CPU tensors;
+    memory-mapped rows are read batch by batch, never whole."""
+    if isinstance(x, MappedRows):
+        for i in range(0, len(x), batch_size):
+            yield torch.from_numpy(x.take(np.arange(i, min(i + batch_size, len(x)))))
+        return
+    xt = torch.as_tensor(x)
+    for i in range(0, len(xt), batch_size):
+        yield xt[i: i + batch_size]
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x, batch_size: int = 2048, device: torch.device | str | None = None,
                    amp: bool = False) -> torch.Tensor:
@@ -173,10 +188,9 @@ def predict_logits(model: nn.Module, x, batch_size: int = 2048, device: torch.de
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    xt = torch.as_tensor(x)
     outs = []
-    for i in range(0, len(xt), batch_size):
-        xb = xt[i: i + batch_size].to(device, non_blocking=True)
+    for xb in batches(x, batch_size):
+        xb = xb.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             outs.append(model(xb).float().cpu())
     model.train(was_training)
@@ -241,7 +255,9 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    xt = torch.as_tensor(x_train).to(device)
+    # in memory, the whole set moves to the device once; memory-mapped, each batch is read when drawn
+    mapped = isinstance(x_train, MappedRows)
+    xt = x_train if mapped else torch.as_tensor(x_train).to(device)
     yt = torch.as_tensor(y_train).to(device) if y_train is not None else None
     if loss_fn is None:
         if yt is None:
@@ -305,7 +321,8 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
                     idx = idx[rank::world]
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, epoch, step, steps_per_epoch)
-                xb = jitter_batch(augment_batch(xt[idx], cfg.augment, gen), cfg.jitter, gen)
+                xb = torch.from_numpy(xt.take(idx.cpu().numpy())).to(device) if mapped else xt[idx]
+                xb = jitter_batch(augment_batch(xb, cfg.augment, gen), cfg.jitter, gen)
                 yb = yt[idx] if yt is not None else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = net(xb)

@@ -28,6 +28,7 @@ from kdens.artifacts import MANIFEST, read_manifest, sha256_file
 from kdens.errors import ArtifactError, ConfigError
 from kdens.models import load_model
 from kdens.runs import data_config
+from kdens.train import batches
 from specialists.combine import active_specialists, combine, kkt_residual
 
 TOL = 1e-6  # the combination's tolerance: no q_k moves by more than this at the last iteration
@@ -85,8 +86,7 @@ class Combiner:
 
     def scores(self, x, batch_size: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`parts` over a whole array in batches, concatenated on the CPU."""
-        xt = torch.as_tensor(x)
-        outs = [self.parts(xt[i: i + batch_size]) for i in range(0, len(xt), batch_size)]
+        outs = [self.parts(xb) for xb in batches(x, batch_size)]
         return tuple(torch.cat([o[k].cpu() for o in outs]) for k in range(3))  # type: ignore[return-value]
 
 

@@ -47,7 +47,8 @@ def data_options(f):
         click.option("--data", type=str,
                      help="digits, mnist, fashion-mnist (fetched once into $KDENS_DATA, default "
                           "~/.cache/kdens), a folder of IDX files, an image folder (DIR/<class>/*.png, "
-                          "or DIR/train/ and DIR/test/), an .npz, or a CSV (train.csv or train.csv,test.csv) "
+                          "or DIR/train/ and DIR/test/), an .npz, a folder of x_train.npy, y_train.npy, x_test.npy, "
+                          "y_test.npy (read memory-mapped), or a CSV (train.csv or train.csv,test.csv) "
                           "[digits]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
                      help="Validation share of the training set [0.1]."),
