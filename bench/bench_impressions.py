@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--impressions", type=int, default=3000)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--di-epochs", type=int, default=40, help="epochs of the student on the impressions")
-    ap.add_argument("--threads", type=int, default=2, help="threads of the impressions run")
+    ap.add_argument("--threads", type=int, default=1, help="threads of the impressions run (2 threads on a loaded machine spin)")
     ap.add_argument("--out", default="bench/results/impressions-mnist")
     a = ap.parse_args()
     runs, out = Path(a.runs), Path(a.out)
