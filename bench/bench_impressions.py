@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--student-epochs", type=int, default=4, help="hard-label and real-data students")
     ap.add_argument("--impressions", type=int, default=3000)
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--di-epochs", type=int, default=40, help="epochs of the student on the impressions")
+    ap.add_argument("--di-epochs", default="40,200", help="epochs of the students on the impressions (one run each)")
     ap.add_argument("--threads", type=int, default=1, help="threads of the impressions run (2 threads on a loaded machine spin)")
     ap.add_argument("--out", default="bench/results/impressions-mnist")
     a = ap.parse_args()
@@ -67,16 +67,18 @@ def main() -> None:
         "LeNet-5-Half distilled on the training split": (
             ["distill", "--teacher", str(runs / "teacher"), *half, *steady,
              "--epochs", str(a.student_epochs), "--out", str(runs / "kd-real")], 1),
-        f"LeNet-5-Half distilled from {a.impressions} impressions only": (
+        **{f"LeNet-5-Half distilled from {a.impressions} impressions only, {e} epochs": (
             ["distill", "--teacher", str(runs / "teacher"), *half, "--transfer", spec, *steady,
-             "--alpha", "0", "--epochs", str(a.di_epochs), "--out", str(runs / "zskd")], a.threads),
+             "--alpha", "0", "--epochs", e, "--out", str(runs / f"zskd-e{e}")], a.threads)
+           for e in a.di_epochs.split(",")},
     }
     results = {"teacher": {"command": "kdens " + " ".join(teacher), **sh(teacher, log)}}
     with ThreadPoolExecutor(len(jobs)) as pool:
         done = {name: pool.submit(sh, args, log, threads) for name, (args, threads) in jobs.items()}
         for name, fut in done.items():
             results[name] = {"command": "kdens " + " ".join(jobs[name][0]), **fut.result()}
-    for name, folder in zip(results, ["teacher", "hard", "kd-real", "zskd"]):
+    folders = ["teacher", "hard", "kd-real", *(f"zskd-e{e}" for e in a.di_epochs.split(","))]
+    for name, folder in zip(results, folders):
         mf = runs / folder / "manifest.json"
         if mf.exists():
             m = json.loads(mf.read_text())
@@ -84,7 +86,7 @@ def main() -> None:
             results[name].update(test_accuracy=met["test_accuracy"], params=met.get("params"),
                                  wall_seconds=m.get("wall_seconds"), train_examples=met.get("train_examples"),
                                  teacher_agreement=met.get("teacher_agreement"))
-            if folder == "zskd":
+            if folder.startswith("zskd"):
                 results[name].update(training_examples_seen=m.get("training_examples_seen"),
                                      transfer=m["transfer"])
     Path(f"{out}.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -147,6 +147,9 @@ class _Shown:
         if self.mode == "bar":
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=done, desc="impressions", unit="batch", dynamic_ncols=True)
+        elif self.mode == "lines" and done:
+            print(f"impressions: {done}/{total} batches already made (cached), making the rest", file=sys.stderr,
+                  flush=True)
 
     def update(self, b: int, made: int, n: int, ce: float, agree: float, seconds: float) -> None:
         if self.bar is not None:
