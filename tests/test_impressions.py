@@ -109,7 +109,7 @@ def test_impressions_are_classified_as_sampled_in_range_and_resume_skips_finishe
 def test_a_student_distilled_from_impressions_alone_beats_chance(teacher_dir, tmp_path):
     out = tmp_path / "s"
     r = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher_dir), "--model", "mlp", "--model-arg", "hidden=32",
-                                 "--transfer", "impressions=1000,iters=150,batch=500", "--temperature", "20",
+                                 "--transfer", "impressions=1000,iters=150,batch=500", "--temperature", "20", "--alpha", "0",
                                  "--epochs", "30", "--quiet", "--out", str(out)])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
