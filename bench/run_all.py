@@ -107,6 +107,9 @@ STEPS: dict[str, list] = {
                     *(f"--run=many-class-{g}-s{s}=runs/many-class/s{s}/{g}" for g in ("g16", "g32") for s in range(3)),
                     *(f"--k=digits-s{s}=3,4,5" for s in range(3)), "--k=fashion-mnist=3,4,5",
                     "--out", "bench/results/clustering"]],
+    # issue 15: data-free distillation on MNIST (ZSKD's LeNet-5 -> LeNet-5-Half, scaled down; ~30 CPU-minutes)
+    "impressions": [[PY, "bench/bench_impressions.py", "--runs", "runs/zskd-mnist", "--impressions", "3000",
+                     "--iters", "200", "--di-epochs", "40,200", "--out", "bench/results/impressions-mnist"]],
 }
 
 

@@ -86,7 +86,7 @@ def _impressions(teacher: Teacher | None, cfg: DistillConfig, spec: TransferSpec
     dataset, whose test split serves only the final report.
     """
     x, _, info = impressions.generate(teacher, spec, data, cfg.split_seed, cache_dir, progress=progress)
-    n_val = int(round(cfg.val_fraction * len(x))) if cfg.val_fraction else 0
+    n_val = round(cfg.val_fraction * len(x)) if cfg.val_fraction else 0
     n_val = min(max(n_val, 1 if cfg.val_fraction else 0), len(x) - 1)
     x_tr, x_val = x[:len(x) - n_val], x[len(x) - n_val:]
     y_val = teacher_log_probs(teacher, x_val, cfg.train.eval_batch_size).argmax(1).numpy().astype(np.int64)
