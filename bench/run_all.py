@@ -109,6 +109,9 @@ STEPS: dict[str, list] = {
                     "--out", "bench/results/clustering"]],
     # issue 12: colour images end to end (uint8 NHWC, --augment crop,flip, mobilenet, int8 TFLite; ~5 CPU-minutes)
     "colour": [[PY, "bench/bench_colour.py", "--runs", "runs/colour", "--out", "bench/results/colour"]],
+    # issue 15: data-free distillation on MNIST (ZSKD's LeNet-5 -> LeNet-5-Half, scaled down; ~30 CPU-minutes)
+    "impressions": [[PY, "bench/bench_impressions.py", "--runs", "runs/zskd-mnist", "--impressions", "3000",
+                     "--iters", "200", "--di-epochs", "40,200", "--out", "bench/results/impressions-mnist"]],
 }
 
 

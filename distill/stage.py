@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import feature_cache, online
+from distill import feature_cache, impressions, online
 from distill.cache import cache_key
 from distill.config import DistillConfig
 from distill.loop import (agree, cached_loss_fn, cached_targets, init_distributed, online_loss_fn, output_head,
@@ -76,6 +76,28 @@ def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarr
     if spec.kind == "unlabeled":
         info["sha256"] = sha256_file(Path(spec.path))
     return x, y, info
+
+
+def _impressions(teacher: Teacher | None, cfg: DistillConfig, spec: TransferSpec, data: Dataset, cache_dir: Path,
+                 progress: bool) -> tuple[np.ndarray, None, dict, Dataset]:
+    """Data impressions as the transfer set, and the data the student may see: no training example.
+
+    The student's validation split is a held-out ``val_fraction`` of the impressions, labelled by
+    the teacher's argmax (early stopping and the health check then measure agreement with the
+    teacher on unseen impressions); the training and validation examples are dropped from the
+    dataset, whose test split serves only the final report.
+    """
+    x, _, info = impressions.generate(teacher, spec, data, cfg.split_seed, cache_dir, progress=progress)
+    n_val = round(cfg.val_fraction * len(x)) if cfg.val_fraction else 0
+    n_val = min(max(n_val, 1 if cfg.val_fraction else 0), len(x) - 1)
+    x_tr, x_val = x[:len(x) - n_val], x[len(x) - n_val:]
+    y_val = teacher_log_probs(teacher, x_val, cfg.train.eval_batch_size).argmax(1).numpy().astype(np.int64)
+    info = {**info, "examples": int(len(x_tr)), "validation": {
+        "examples": int(n_val), "source": "held-out impressions labelled by the teacher's argmax"}}
+    empty = slice(0, 0)
+    data = dataclasses.replace(data, x_train=data.x_train[empty], y_train=data.y_train[empty], x_val=x_val,
+                               y_val=y_val)
+    return x_tr, None, info, data
 
 
 def _resolve_data(cfg: DistillConfig, teacher: Teacher | None) -> DistillConfig:
@@ -148,7 +170,11 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
             _check_compatible(teacher, data)
         check_augmentation(data, cfg.train)
         spec = cfg.transfer_spec
-        x_tr, y_tr, transfer_info = transfer_set(spec, data, cfg.split_seed)
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run_dir)
+        if spec.kind == "impressions":  # data-free: the student's data holds no training example
+            x_tr, y_tr, transfer_info, data = _impressions(teacher, cfg, spec, data, cache_dir, progress and rank == 0)
+        else:
+            x_tr, y_tr, transfer_info = transfer_set(spec, data, cfg.split_seed)
         if y_tr is None:
             cfg, method = unlabeled(cfg, method, spec, notes)
         student = _build_student(cfg, data)
@@ -158,7 +184,6 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
             features = online.prepare(method, teacher.model, student, cfg.hint, x_tr, data.input_shape,
                                       cfg.train.seed)
         baseline = _baseline_errors(Path(cfg.baseline), data, cfg.train.eval_batch_size) if cfg.baseline else None
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run_dir)
         cfg = dataclasses.replace(cfg, cache_dir=str(cache_dir))
         if rank == 0:
             prepare_run_dir(run_dir, resume, force, "student")
@@ -215,6 +240,8 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
     extra = {"data": data.describe(), "teacher": teacher.describe() if teacher is not None else None,
              "teacher_manifest_hashes": hashes, "transfer": transfer_info, "soft_targets": cache_info,
              "world_size": world, "resumed_from_epoch": result.resumed_from_epoch, **notes}
+    if spec.kind == "impressions":
+        extra["training_examples_seen"] = 0
     if features is not None:
         extra["features"] = {**features.describe(), "teacher_features": feature_info}
     write_manifest(run_dir, stage="student", config=to_dict(cfg), inputs=inputs,

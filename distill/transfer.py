@@ -12,6 +12,8 @@ bias). ``--transfer`` names one of these:
 * ``unlabeled=PATH``   inputs from a file, no labels (the loss must use alpha = 0)
 * ``munge=N[,p=P,s=S]`` N MUNGE pseudo-examples made from the training split (distill/munge.py),
                        labelled by the teacher only (alpha = 0)
+* ``impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B]`` N data impressions synthesised from the
+                       teacher alone (distill/impressions.py, Nayak et al. 2019): no training example
 
 ``fit_bias_shift`` then fits the omitted classes' bias on the validation split.
 """
@@ -26,9 +28,14 @@ import numpy as np
 from kdens.data import stratified_subset
 from kdens.errors import ConfigError, DataError
 
-VALID_FORMS = "train | val | fraction=F (0 < F <= 1) | omit=C1,C2 | unlabeled=PATH"
+VALID_FORMS = ("train | val | fraction=F (0 < F <= 1) | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] | "
+               "impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B]")
 
-TransferKind = Literal["train", "val", "fraction", "omit", "unlabeled"]
+TransferKind = Literal["train", "val", "fraction", "omit", "unlabeled", "munge", "impressions"]
+
+IMPRESSION_DEFAULTS = {"beta": (1.0, 0.1), "t": 20.0, "iters": 1500, "lr": 0.01, "batch": 256}
+"""Nayak et al. (2019), section 4: beta 1.0 and 0.1 for half the impressions each, T = 20, Adam at
+lr 0.01 for 1500 iterations; the batch only sets how many are optimised at once."""
 
 
 @dataclass(frozen=True)
@@ -44,16 +51,26 @@ class TransferSpec:
     path: str | None = None
     """File with unlabeled inputs, for ``unlabeled=PATH``."""
     count: int | None = None
-    """Pseudo-examples to make, for ``munge=N``."""
+    """Pseudo-examples to make, for ``munge=N`` and ``impressions=N``."""
     p: float = 0.5
     """MUNGE's per-attribute change probability."""
     s: float = 1.0
     """MUNGE's spread divisor."""
+    betas: tuple[float, ...] = ()
+    """Impressions: Dirichlet concentration scales, each for an equal share of the N."""
+    t: float = 20.0
+    """Impressions: the temperature of the teacher's softmax they are optimised against."""
+    iters: int = 1500
+    """Impressions: Adam iterations per impression."""
+    lr: float = 0.01
+    """Impressions: Adam learning rate."""
+    batch: int = 256
+    """Impressions: how many are optimised at once (one resumable unit)."""
 
     @property
     def labeled(self) -> bool:
-        """Whether the transfer set has labels (all forms but ``unlabeled`` and ``munge``)."""
-        return self.kind not in ("unlabeled", "munge")
+        """Whether the transfer set has labels (all forms but ``unlabeled``, ``munge`` and ``impressions``)."""
+        return self.kind not in ("unlabeled", "munge", "impressions")
 
     def __str__(self) -> str:
         """Canonical spec string (stable for cache keys): ``omit=3,1`` -> ``omit=1,3``."""
@@ -65,6 +82,10 @@ class TransferSpec:
             return f"unlabeled={self.path}"
         if self.kind == "munge":
             return f"munge={self.count},p={self.p!r},s={self.s!r}"
+        if self.kind == "impressions":
+            betas = ":".join(repr(b) for b in self.betas)
+            return (f"impressions={self.count},beta={betas},t={self.t!r},iters={self.iters},lr={self.lr!r},"
+                    f"batch={self.batch}")
         return self.kind
 
 
@@ -129,11 +150,46 @@ def parse_transfer(spec: str) -> TransferSpec:
         if not 0.0 < p <= 1.0 or not s_ > 0:
             raise _bad(spec, f"munge needs 0 < p <= 1 and s > 0, got p={p}, s={s_}")
         return TransferSpec(kind="munge", count=count, p=p, s=s_)
+    if name == "impressions":
+        return _parse_impressions(spec, value)
     if name == "unlabeled":
         if not value:
             raise _bad(spec, "unlabeled needs a path, e.g. unlabeled=extra.npz")
         return TransferSpec(kind="unlabeled", path=value)
     raise _bad(spec, f"unknown transfer set {name!r}")
+
+
+def _parse_impressions(spec: str, value: str) -> TransferSpec:
+    """``impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B]``; defaults from the paper."""
+    head, *opts = [v.strip() for v in value.split(",")]
+    example = "e.g. impressions=24000,beta=1:0.1,t=20,iters=1500"
+    try:
+        count = int(head)
+    except ValueError:
+        raise _bad(spec, f"impressions takes N first, {example}") from None
+    if count <= 0:
+        raise _bad(spec, f"impressions=N needs N > 0 impressions, got {count}")
+    kw = dict(IMPRESSION_DEFAULTS)
+    for o in opts:
+        k, sep, v = (part.strip() for part in o.partition("="))
+        if not sep or k not in IMPRESSION_DEFAULTS:
+            raise _bad(spec, f"impressions knows {', '.join(f'{n}=' for n in IMPRESSION_DEFAULTS)}, not {o!r}")
+        try:
+            kw[k] = (tuple(float(b) for b in v.split(":")) if k == "beta"
+                     else int(v) if k in ("iters", "batch") else float(v))
+        except ValueError:
+            raise _bad(spec, f"impressions: {k}={v!r} is not a number ({example})") from None
+    betas = kw["beta"]
+    if not betas or not all(b > 0 and b < float("inf") for b in betas):
+        raise _bad(spec, f"impressions: every beta must be a finite number > 0, got {':'.join(map(str, betas))}")
+    if not (0 < kw["t"] < float("inf") and 0 < kw["lr"] < float("inf")):
+        raise _bad(spec, f"impressions: t and lr must be finite numbers > 0, got t={kw['t']}, lr={kw['lr']}")
+    if kw["iters"] < 1 or kw["batch"] < 1:
+        raise _bad(spec, f"impressions: iters and batch must be >= 1, got iters={kw['iters']}, batch={kw['batch']}")
+    if count < len(betas):
+        raise _bad(spec, f"impressions=N needs at least one impression per beta ({len(betas)}), got {count}")
+    return TransferSpec(kind="impressions", count=count, betas=tuple(betas), t=float(kw["t"]),
+                        iters=int(kw["iters"]), lr=float(kw["lr"]), batch=int(kw["batch"]))
 
 
 def _labels(y: np.ndarray) -> np.ndarray:

@@ -100,17 +100,24 @@ def cnn(num_classes: int, input_shape: tuple[int, ...], size: str = "small", **k
 
 
 class LeNet5(nn.Module):
-    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pool; 'same' padding fits 8x8 and 28x28."""
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pool; 'same' padding fits 8x8 and 28x28.
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...]):
+    ``width`` scales the convolutions' filters (6 and 16): ``width=0.5`` is LeNet-5-Half, the
+    student of Nayak et al. (2019, zero-shot KD), with half the filters in each convolution.
+    """
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], width: float = 1.0):
         super().__init__()
+        if not 0 < float(width) <= 8:
+            raise ModelError(f"lenet5: width={width} must lie in (0, 8], e.g. width=0.5 for LeNet-5-Half")
         c, h, w = input_shape
+        c1, c2 = max(1, round(6 * width)), max(1, round(16 * width))
         self.features = nn.Sequential(
-            nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         )
         self.flatten = nn.Flatten()
-        self.body = nn.Sequential(nn.Linear(16 * (h // 4) * (w // 4), 120), nn.ReLU(),
+        self.body = nn.Sequential(nn.Linear(c2 * (h // 4) * (w // 4), 120), nn.ReLU(),
                                   nn.Linear(120, 84), nn.ReLU())
         self.head = nn.Linear(84, num_classes)
 

@@ -31,6 +31,13 @@ def on_terminal(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def mode(enabled: bool = True, stream: TextIO | None = None) -> str:
+    """How progress is shown on ``stream`` (stderr): "bar" on a terminal, "lines" in a log, "off"."""
+    if not enabled or _disabled_by_env():
+        return "off"
+    return "bar" if on_terminal(stream) else "lines"
+
+
 class Progress:
     """Progress of one ``fit``: call ``start_epoch``, ``step`` after each step, ``end_epoch``, ``close``."""
 
@@ -38,10 +45,7 @@ class Progress:
                  stream: TextIO | None = None):
         self.desc, self.epochs, self.steps = desc, epochs, max(1, steps_per_epoch)
         self.stream = stream if stream is not None else sys.stderr
-        if not enabled or _disabled_by_env():
-            self.mode = "off"
-        else:
-            self.mode = "bar" if on_terminal(self.stream) else "lines"
+        self.mode = mode(enabled, self.stream)
         self._epoch_bar = self._step_bar = None
         self._epoch = start_epoch
         self._t_epoch = self._t_line = time.perf_counter()

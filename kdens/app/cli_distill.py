@@ -34,7 +34,9 @@ from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model
 @click.option("--loss", type=click.Choice(["kd", "soft", "logits"]),
               help="Alias of --method for kd: alpha*CE + (1-alpha)*T^2*KL; soft: T^2*KL; logits: L2 of logits.")
 @click.option("--transfer", type=str, metavar="SET",
-              help="train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] (MUNGE pseudo-data) [train].")
+              help="train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] (MUNGE pseudo-data) | "
+                   "impressions=N[,beta=1:0.1,t=20,iters=1500,lr=0.01,batch=256] (data-free: data impressions "
+                   "optimised against the teacher, Nayak et al. 2019) [train].")
 @click.option("--fix-bias/--no-fix-bias", default=None,
               help="After omit=: fit one bias shift of the omitted classes on validation [off].")
 @click.option("--baseline", type=str, metavar="RUN",
@@ -68,6 +70,8 @@ def distill_cmd(**flags):
       kdens distill --teacher runs/fm/generalist --generations 3 --out runs/fm/born-again
       kdens distill --teacher runs/fm/generalist --model mlp --transfer omit=3 --fix-bias \\
           --out runs/fm/student-no3
+      kdens distill --teacher runs/mnist/lenet5 --model lenet5 --model-arg width=0.5 \\
+          --transfer impressions=24000 --temperature 20 --out runs/mnist/zskd
     """
     from distill.config import DistillConfig
     from distill.stage import run
