@@ -55,6 +55,11 @@ class Dataset:
     """Per-channel (images) or per-feature mean and std of the training split, applied inside every
     model built on this data (``kdens.models.build_model(input_norm=...)``); None: inputs are used
     as they are (uint8 images scaled to [0, 1], or floats already in [0, 1])."""
+    train_rows: np.ndarray | None = None
+    """Where each ``x_train`` row sits in the training set as loaded, before the validation split
+    (so precomputed teacher scores in that order can be matched to it); None: in order."""
+    val_rows: np.ndarray | None = None
+    """The same for ``x_val``."""
 
     @property
     def num_classes(self) -> int:
@@ -321,6 +326,7 @@ def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
         split=split,
         layout=layout,
         normalization=normalization(x_train[tr_idx], layout),
+        train_rows=tr_idx, val_rows=val_idx,
     )
 
 
