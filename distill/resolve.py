@@ -27,6 +27,8 @@ def _kind(teacher: Teacher) -> str:
         return "an ensemble run"
     if stage == "specialists":
         return "a generalist+specialists run"
+    if stage == "scores":
+        return "a file of precomputed scores"
     return f"a {stage} run"
 
 

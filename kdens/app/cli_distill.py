@@ -88,7 +88,8 @@ def distill_cmd(**flags):
     # how the soft targets were had comes first (it happened first): the result line ends the output
     soft = read_json(run_dir / "metrics.json").get("soft_targets") or {}
     if soft and not soft.get("online"):
-        click.echo(f"soft targets: {'reused' if soft.get('reused') else 'built'} "
-                   f"(build {soft.get('build_seconds', 0):.2f}s)")
+        how = "precomputed (--teacher scores)" if soft.get("precomputed") else \
+            "reused" if soft.get("reused") else "built"
+        click.echo(f"soft targets: {how} (build {soft.get('build_seconds', 0):.2f}s)")
     print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
                              "gap_recovered", "train_seconds"))
