@@ -211,10 +211,12 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            reason = f"it holds a {found.group(1)} object" if found else str(e).splitlines()[0]
+            if found is None:  # not a pickle at all (torch reads garbage as a bad pickle)
+                raise ModelError(f"--weights {path}: not a readable PyTorch file ({str(e).splitlines()[0]}); give a "
+                                 "state_dict saved with torch.save, or a .safetensors file") from None
             raise ModelError(f"--weights {path}: refused: the file pickles Python objects, not only tensors "
-                             f"({reason}); kdens never unpickles code. Save the weights alone: "
-                             "torch.save(model.state_dict(), FILE) or safetensors.torch.save_file") from None
+                             f"(it holds a {found.group(1)} object); kdens never unpickles code. Save the weights "
+                             "alone: torch.save(model.state_dict(), FILE) or safetensors.torch.save_file") from None
         except Exception as e:  # torch.load raises RuntimeError / EOFError / ... for a truncated or foreign file
             raise ModelError(f"--weights {path}: not a readable PyTorch file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); give a state_dict saved with "
