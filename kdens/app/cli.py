@@ -44,7 +44,7 @@ def cli():
     \b
     Stages hand over through run folders:
       kdens train-generalist --data digits --model mlp --out runs/d/generalist
-      kdens import-model --data digits --onnx teacher.onnx --out runs/d/generalist   (or one made elsewhere)
+      kdens import-model --data digits --onnx teacher.onnx --out runs/d/imported
       kdens train-ensemble --data digits --model cnn --members 5 --out runs/d/ensemble
       kdens train-specialists --generalist runs/d/generalist --clusters 3 --out runs/d/specialists
       kdens distill --teacher runs/d/specialists --model mlp --model-arg hidden=64 --out runs/d/student
