@@ -46,7 +46,11 @@ def looks_like_probabilities(scores: np.ndarray) -> bool:
 
 
 def _session(path: Path):
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelError(f"{path} is an ONNX model and ONNX Runtime is not installed; install kdens[onnx] "
+                         "(make setup does)") from None
 
     opts = ort.SessionOptions()
     # share the CPU budget torch was given (OMP_NUM_THREADS, torch.set_num_threads)
@@ -159,7 +163,11 @@ class OnnxModel(nn.Module):
 
 def count_onnx_params(path: Path) -> int:
     """Elements of the file's initializers: its weights, as ``count_params`` counts a torch model's."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise ModelError(f"{path}: reading an ONNX file needs the onnx package; install kdens[onnx] "
+                         "(make setup does)") from None
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return int(sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in graph.initializer))
