@@ -99,12 +99,14 @@ def test_data_paths_resolve_against_the_file_not_the_working_directory(project, 
     root, _ = project
     toml = root / "train.toml"
     toml.write_text('[data]\ndata = "data/digits.npz"\n[generalist]\nmodel = "mlp"\n'
-                    '[[distill]]\nteacher = "generalist"\nmodel = "mlp"\ntransfer = "unlabeled=data/digits.npz"\n'
-                    'alpha = 0\n')
+                    '[[distill]]\nname = "student"\nteacher = "generalist"\nmodel = "mlp"\ntransfer = "unlabeled=data/digits.npz"\n'
+                    'alpha = 0\n[[distill]]\nname = "from-scores"\nteacher = "nets/scores.npy"\nmodel = "mlp"\n')
     monkeypatch.chdir(tmp_path)
     plan = load_plan(toml)
     assert plan.stage("generalist").config.data == str(root / "data" / "digits.npz")
     assert plan.stage("student").config.transfer == f"unlabeled={root / 'data' / 'digits.npz'}"
+    assert plan.stage("from-scores").config.teacher == str(root / "nets" / "scores.npy")
+    assert plan.stage("student").config.teacher.endswith("generalist")  # a stage name stays a stage
     (tmp_path / "data").mkdir()  # a same-named file in the working directory is not what the file means
     toml.write_text('[data]\ndata = "data/other.npz"\n[generalist]\nmodel = "mlp"\n')
     np.savez(tmp_path / "data" / "other.npz", x=np.zeros(1))
