@@ -22,6 +22,7 @@ from deploy.config import DEFAULT_FPGA_PRECISION, DeployConfig
 from deploy.report import evaluate_gates, gate_failure_message, write_report
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file, write_manifest
 from kdens.errors import ArtifactError, GateFailed
+from kdens.imported import require_torch
 from kdens.mapped import MappedRows
 from kdens.models import load_model
 from kdens.raw_input import RawInput, artifact_input, to_raw
@@ -55,6 +56,7 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
         find_tflite_runtime(cfg.opts.tflite_runtime_venv)
     data = run_data(manifest)
     model, spec = load_model(model_dir)
+    require_torch(model, model_dir, f"kdens deploy exports a PyTorch network to {cfg.target}")
     module = importlib.import_module(MODULES[cfg.target])
     (run_dir / MANIFEST).unlink(missing_ok=True)  # a redeploy is unfinished until its manifest lands
     opts = cfg.opts

@@ -14,6 +14,7 @@ from distill.methods import LOSS_ALIASES, Method, make_method
 from distill.teachers import ModelTeacher, Teacher
 from distill.transfer import TransferSpec
 from kdens.errors import ConfigError
+from kdens.imported import is_onnx_spec
 
 SINGLE_MODEL = "a generalist or student run folder (one network)"
 
@@ -26,6 +27,8 @@ def _kind(teacher: Teacher) -> str:
         return "an ensemble run"
     if stage == "specialists":
         return "a generalist+specialists run"
+    if stage == "scores":
+        return "a file of precomputed scores"
     return f"a {stage} run"
 
 
@@ -47,6 +50,11 @@ def check_teacher(method: Method, teacher: Teacher | None, spec: str | None, wor
             instead = "use --method kd (any teacher) with this teacher"
         raise ConfigError(f"--method {method.name} {why}, so --teacher must be {SINGLE_MODEL}; {spec} is "
                           f"{_kind(teacher)}, which has no single set of modules; {instead}")
+    if method.features and isinstance(teacher, ModelTeacher) and is_onnx_spec(teacher.spec):
+        raise ConfigError(f"--method {method.name} reads the teacher's hidden layers by module name, but --teacher "
+                          f"{spec} is an imported ONNX model run by ONNX Runtime, which has no modules to hook; use a "
+                          "logit method (kd, dkd, dist, lskd), or import the PyTorch model (kdens import-model --model "
+                          "pkg.module:factory --weights FILE)")
     if method.features and world > 1:
         raise ConfigError(f"--method {method.name} reads the teacher's hidden layers with hooks in one process; "
                           "run it without torchrun (logit methods train under DDP)")
@@ -59,6 +67,10 @@ def resolve_model(cfg: DistillConfig, teacher: Teacher | None) -> DistillConfig:
     ``tfkd-self`` a student of another architecture than its teacher is allowed, with a warning.
     """
     if cfg.model is None:
+        if isinstance(teacher, ModelTeacher) and is_onnx_spec(teacher.spec):
+            raise ConfigError(f"--model is required: --teacher {cfg.teacher} is an imported ONNX model, whose "
+                              "architecture kdens cannot rebuild or train; give the student's --model (mlp, cnn, "
+                              "lenet5, mobilenet or package.module:factory)")
         if not isinstance(teacher, ModelTeacher):
             what = "there is no teacher" if teacher is None else f"--teacher {cfg.teacher} is {_kind(teacher)}"
             raise ConfigError(f"--model is required: the student's architecture defaults to the teacher's only for "

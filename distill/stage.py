@@ -28,6 +28,7 @@ from distill.loop import (agree, cached_loss_fn, cached_targets, init_distribute
 from distill.methods import make_method
 from distill.munge import munge
 from distill.resolve import check_teacher, resolve_model, unlabeled
+from distill.scores import ScoresTeacher, refuse_online
 from distill.teachers import (Teacher, cache_options, load_teacher, soft_scores_depend_on_temperature,
                               soft_scores_fn, split_teacher_spec, teacher_log_probs)
 from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratified_fraction
@@ -164,9 +165,13 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         teacher = load_teacher(teacher_paths, device) if teacher_paths else None
         method = make_method(cfg.method, cfg.method_args)
         check_teacher(method, teacher, cfg.teacher, world)
+        refuse_online(teacher, cfg)
         cfg = resolve_model(_resolve_data(cfg, teacher), teacher)
         data = load_data(dataclasses.asdict(cfg))
-        if teacher is not None:
+        if isinstance(teacher, ScoresTeacher):
+            teacher.check_data(data)
+            teacher.rows(cfg.transfer_spec, data, cfg.split_seed)  # refuses transfer sets of new inputs
+        elif teacher is not None:
             _check_compatible(teacher, data)
         check_augmentation(data, cfg.train)
         spec = cfg.transfer_spec
@@ -234,7 +239,8 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
     save_model(run_dir, student, mspec)  # the student alone: adapters are not part of it
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_json(run_dir / "history.json", result.history)
-    inputs = {str(p / MANIFEST): sha256_file(p / MANIFEST) for p in teacher_paths}
+    inputs = {str(p / MANIFEST) if p.is_dir() else str(p): sha256_file(p / MANIFEST if p.is_dir() else p)
+              for p in teacher_paths}
     if cfg.baseline:
         inputs[str(Path(cfg.baseline) / MANIFEST)] = baseline[1]
     extra = {"data": data.describe(), "teacher": teacher.describe() if teacher is not None else None,
@@ -270,6 +276,10 @@ def _logit_loss_fn(method, teacher: Teacher | None, cfg: DistillConfig, data: Da
     if soft_t is not None:
         extra["soft_temperature"] = soft_t
     key = cache_key(hashes, data.fingerprint, str(spec), extra)
+    if isinstance(teacher, ScoresTeacher):  # the scores are the cache: take the transfer set's rows
+        return cached_loss_fn(method.loss, teacher.targets(spec, data, cfg.split_seed, device)), {
+            "online": False, "reused": False, "precomputed": True, "build_seconds": 0.0, "soft_temperature": None,
+            "key": key, "path": str(teacher.path)}
     if cfg.train.jitter > 0 or cfg.train.augment:
         # jittered / augmented inputs change every step: a cache of the clean images would be the wrong
         # targets; online, the teacher scores exactly the views the student sees
@@ -327,7 +337,12 @@ def _student_metrics(student, teacher: Teacher | None, data: Dataset, cfg: Disti
                    **schedule_metrics(result, cfg.train), train_examples=int(n_transfer),
                    method=cfg.method, method_args=dict(cfg.method_args), hint=list(cfg.hint),
                    temperature=cfg.temperature, alpha=cfg.alpha, loss=cfg.method, transfer=cfg.transfer)
-    if teacher is not None:
+    if isinstance(teacher, ScoresTeacher):  # scores of the training rows only: no test comparison
+        y_all = np.empty(len(teacher.scores), np.int64)  # labels in the scores' row order
+        y_all[data.train_rows], y_all[data.val_rows] = data.y_train, data.y_val
+        rows = teacher.rows(cfg.transfer_spec, data, cfg.split_seed)
+        metrics.update(teacher_transfer_accuracy=M.accuracy(teacher.scores[rows], y_all[rows]))
+    elif teacher is not None:
         s_test = predict_logits(student, data.x_test, bs).numpy()  # (N, C)
         t_test = teacher_log_probs(teacher, data.x_test, bs).numpy()  # (N, C)
         metrics.update(teacher_agreement=M.agreement(s_test, t_test),
@@ -343,6 +358,6 @@ def _student_metrics(student, teacher: Teacher | None, data: Dataset, cfg: Disti
         metrics["gap_recovered"], why = M.gap_recovered(b, t, s)
         if why:
             metrics["gap_recovered_note"] = why
-    metrics["soft_targets"] = ({k: cache_info[k] for k in ("online", "reused", "build_seconds")}
-                               if cache_info.get("teacher", True) else None)
+    metrics["soft_targets"] = ({k: cache_info[k] for k in ("online", "reused", "build_seconds", "precomputed")
+                                if k in cache_info} if cache_info.get("teacher", True) else None)
     return metrics

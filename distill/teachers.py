@@ -11,7 +11,9 @@ under inference mode on its device, plus ``num_classes``, ``input_shape``,
 * several run folders, comma-separated: an ad-hoc ensemble whose distribution is the
   arithmetic mean of the members' probabilities (Hinton et al. 2015, section 3);
 * a ``generations`` run (``kdens distill --generations N``): the ad-hoc ensemble of its
-  generations' students (one student when N = 1).
+  generations' students (one student when N = 1);
+* a ``.npy`` / ``.npz`` file of precomputed scores (``distill.scores.ScoresTeacher``): rows of
+  the training set, not a function of inputs.
 
 Soft targets at a temperature T (the one extension of that interface). The loss
 softens whatever scores it gets as ``softmax(s / T)``. For one model that is right when
@@ -44,6 +46,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from distill.scores import ScoresTeacher, is_scores_file
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file
 from kdens.errors import ArtifactError, ConfigError
 from kdens.models import load_model
@@ -221,7 +224,8 @@ def load_teacher(spec: str | Path | Sequence[str | Path], device: str | torch.de
     """Load the teacher named by ``--teacher``, dispatching on each manifest's stage.
 
     Args:
-        spec: a run folder, several joined by commas (an ad-hoc ensemble), or a list.
+        spec: a run folder, several joined by commas (an ad-hoc ensemble), a list, or a file of
+            precomputed scores (``.npy`` / ``.npz``, :mod:`distill.scores`).
         device: where the teacher computes.
 
     Raises:
@@ -229,6 +233,11 @@ def load_teacher(spec: str | Path | Sequence[str | Path], device: str | torch.de
         ConfigError: an empty or repeated entry, or members that disagree on the classes.
     """
     paths = split_teacher_spec(spec)
+    if any(is_scores_file(p) for p in paths):
+        if len(paths) > 1:
+            raise ConfigError(f"--teacher {spec}: precomputed scores ({', '.join(str(p) for p in paths if is_scores_file(p))}) "
+                              "teach alone; give the scores file, or run folders to combine")
+        return ScoresTeacher(paths[0])
     members = [_load_one(p, device) for p in paths]
     if len(members) == 1:
         return members[0]

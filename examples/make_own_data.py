@@ -1,4 +1,4 @@
-"""Write small stand-ins for a user's own data, for the README's "Your own data" commands.
+"""Write small stand-ins for a user's own data, for the README's "Your own data and teacher" commands.
 
     python examples/make_own_data.py own-data
 

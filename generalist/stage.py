@@ -9,6 +9,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+from generalist.imported import ImportConfig
+from generalist.imported import run as run_import
 from kdens.artifacts import write_manifest
 from kdens.config import GeneralistConfig, to_dict
 from kdens.data import stratified_subset
@@ -20,7 +22,13 @@ from kdens.train import CHECKPOINT
 
 def run(cfg: GeneralistConfig, run_dir: Path, *, resume: bool = False, force: bool = False,
         progress: bool = True) -> Path:
-    """Train the generalist described by ``cfg`` into ``run_dir`` and return the folder."""
+    """Train the generalist described by ``cfg`` into ``run_dir`` and return the folder.
+
+    An :class:`generalist.imported.ImportConfig` (``kdens import-model``, or ``kdens run``'s
+    ``[generalist]`` table in its import form) imports a model trained elsewhere instead.
+    """
+    if isinstance(cfg, ImportConfig):
+        return run_import(cfg, run_dir, resume=resume, force=force, progress=progress)
     t0 = time.time()
     run_dir = Path(run_dir)
     # Validate everything that can fail on bad input before the first write.

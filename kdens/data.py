@@ -60,6 +60,11 @@ class Dataset:
     raw_input: dict | None = None
     """How the user's arrays looked (shape, layout, dtype, range; :func:`kdens.raw_input.describe`):
     what exported artifacts take."""
+    train_rows: np.ndarray | None = None
+    """Where each ``x_train`` row sits in the training set as loaded, before the validation split
+    (so precomputed teacher scores in that order can be matched to it); None: in order."""
+    val_rows: np.ndarray | None = None
+    """The same for ``x_val``."""
 
     @property
     def num_classes(self) -> int:
@@ -332,6 +337,7 @@ def _build(name: str, raw: dict[str, np.ndarray], class_names: list[str] | None,
         layout=layout,
         normalization=normalization(x_train[tr_idx], layout),
         raw_input=describe(raw["x_train"], layout, channel_order),
+        train_rows=tr_idx, val_rows=val_idx,
     )
 
 

@@ -293,14 +293,23 @@ def save_model(run_dir: Path, model: nn.Module, spec: dict) -> list[Path]:
 
 
 def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from ``model.json`` and load ``model.safetensors`` into it (eval mode)."""
+    """Rebuild a model from ``model.json`` and load ``model.safetensors`` into it (eval mode).
+
+    An imported ONNX file (``"format": "onnx"``) comes back as :class:`kdens.imported.OnnxModel`.
+    """
     from safetensors.torch import load_file
 
     from kdens.artifacts import read_json, require_files
 
     run_dir = Path(run_dir)
-    require_files(run_dir, ["model.json", "model.safetensors"], ("generalist", "student"))
+    require_files(run_dir, ["model.json"], ("generalist", "student"))
     spec = read_json(run_dir / "model.json")
+    if spec.get("format") == "onnx":  # an imported ONNX teacher (kdens import-model): run by ONNX Runtime
+        from kdens.imported import ONNX_FILE, OnnxModel
+
+        require_files(run_dir, [ONNX_FILE], "generalist")
+        return OnnxModel(run_dir / ONNX_FILE, spec).eval(), spec
+    require_files(run_dir, ["model.safetensors"], ("generalist", "student"))
     model = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]),
                         input_norm=spec.get("input_norm"), **spec["kwargs"])
     try:

@@ -43,6 +43,7 @@ from kdens.artifacts import (
 from kdens.config import to_dict
 from kdens.data import Dataset, stratified_subset
 from kdens.errors import ArtifactError, ConfigError, DataError
+from kdens.imported import require_torch
 from kdens.runs import check_augmentation, data_config, prepare_run_dir, run_data, run_key, same_settings, sub_run_plan
 from kdens.models import load_model
 from kdens.shard import pin_local_gpu, rank_and_world, shard  # noqa: F401 (re-exported)
@@ -176,6 +177,7 @@ def run(cfg: SpecialistsConfig, run_dir: Path, *, resume: bool = False, force: b
         raise DataError(f"--generalist {gen_dir} was trained with --val-fraction 0; specialists need its "
                         "validation split (for clustering and early stopping): retrain it with --val-fraction > 0")
     gen_model, gen_spec = load_model(gen_dir)
+    require_torch(gen_model, gen_dir, "each specialist starts as a trainable copy of the generalist's network")
     if cfg.top_n > data.num_classes:
         raise ConfigError(f"--top-n {cfg.top_n} must be <= {data.num_classes}, the number of classes")
     if cfg.train.batch_size < 2:

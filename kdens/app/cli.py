@@ -44,6 +44,7 @@ def cli():
     \b
     Stages hand over through run folders:
       kdens train-generalist --data digits --model mlp --out runs/d/generalist
+      kdens import-model --data digits --onnx teacher.onnx --out runs/d/imported
       kdens train-ensemble --data digits --model cnn --members 5 --out runs/d/ensemble
       kdens train-specialists --generalist runs/d/generalist --clusters 3 --out runs/d/specialists
       kdens distill --teacher runs/d/specialists --model mlp --model-arg hidden=64 --out runs/d/student
@@ -94,12 +95,14 @@ def evaluate(run_dir: Path, out: Path | None, as_json: bool):
 
 
 def _register() -> None:
+    from kdens.app.cli_generalist import import_model
     from kdens.app.cli_pipeline import report_cmd, run_cmd
     from kdens.app.stages import STAGES
 
     for kind in STAGES.values():
         if kind.command is not None and kind.command.name not in cli.commands:
             cli.add_command(kind.command)
+    cli.add_command(import_model)
     cli.add_command(run_cmd)
     cli.add_command(report_cmd)
 

@@ -101,7 +101,8 @@ def distill_cmd(**flags):
                    f"({'reused' if soft.get('reused') else 'built'} in {soft.get('build_seconds', 0):.2f}s)"
                    if metrics["teacher_features"] != "online" else "teacher features: online (every batch)")
     elif soft and not soft.get("online"):
-        click.echo(f"soft targets: {'reused' if soft.get('reused') else 'built'} "
-                   f"(build {soft.get('build_seconds', 0):.2f}s)")
+        how = "precomputed (--teacher scores)" if soft.get("precomputed") else \
+            "reused" if soft.get("reused") else "built"
+        click.echo(f"soft targets: {how} (build {soft.get('build_seconds', 0):.2f}s)")
     print_metrics(run_dir, ("test_accuracy", "test_errors", "teacher_test_errors", "teacher_agreement",
                              "gap_recovered", "train_seconds"))

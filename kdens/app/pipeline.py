@@ -96,13 +96,20 @@ def stage_key(stage: Stage, upstream: dict[str, str | None], root: Path | None =
 
 
 def _external_inputs(stage: Stage) -> dict[str, str | None]:
-    """Teacher run folders from outside the pipeline count as inputs by their manifest's hash."""
+    """Inputs from outside the pipeline, by their sha256: teacher run folders (their manifest), files of
+    precomputed scores, and the file an imported generalist comes from (a changed file is imported again)."""
     teacher = getattr(stage.config, "teacher", None) if stage.kind == "student" else None
     out = {}
     for part in str(teacher or "").split(","):
         path = Path(part) / MANIFEST
         if part and path.exists():
             out[part] = sha256_file(path)
+        elif part and Path(part).is_file():
+            out[part] = sha256_file(Path(part))
+    if stage.kind == "generalist":
+        for part in (getattr(stage.config, "onnx", None), getattr(stage.config, "weights", None)):
+            if part and Path(part).is_file():
+                out[part] = sha256_file(Path(part))
     return out
 
 

@@ -8,13 +8,17 @@ File shape (every table but ``[data]`` and one teacher is optional)::
 
     name = "digits"                  # experiment folder runs/<name> unless out = "..."
     [data]        data, val_fraction, split_seed          (shared by every stage)
-    [generalist]  the keys of `kdens train-generalist`    (model, model_args, epochs, ...)
+    [generalist]  the keys of `kdens train-generalist`    (model, model_args, epochs, ...), or a
+                  teacher trained elsewhere (`kdens import-model`): import_onnx = "FILE", or
+                  import_model = "pkg.module:factory" with weights = "FILE" and model_args
+                  (plus the data keys; training keys are refused)
     [ensemble]    the keys of `kdens train-ensemble`      (members, model, ...)
     [specialists] the keys of `kdens train-specialists`   (clusters, ...; uses [generalist])
     [[distill]]   the keys of `kdens distill` (method, method_args, hint, generations, ...),
                   plus name, baseline = true|false, and
                   teacher = "generalist" | "ensemble" | "specialists" | a run folder
-                  (several joined by commas); temperature may be a list: one student each;
+                  (several joined by commas) or a file of precomputed scores (.npy / .npz);
+                  temperature may be a list: one student each;
                   without model, a student taught by [generalist] copies its architecture.
                   The baseline is the same student and recipe on hard labels; with
                   transfer = "fraction=F" it trains on the same fraction (train_fraction = F)
@@ -22,6 +26,11 @@ File shape (every table but ``[data]`` and one teacher is optional)::
                   and the flags of `kdens deploy` (max_accuracy_drop, batch_sizes, ...)
     [bench]       threads, batch_sizes                    (`kdens bench` over deploy/)
     [report]      html = true|false
+
+Paths in the file (data, import_onnx, weights, a teacher run folder or scores file, transfer =
+"unlabeled=PATH", tflite_runtime_venv, pythonpath) are relative to the file's folder, so a
+pipeline runs the same from any working directory. The experiment folder (``out``, default
+``runs/<name>``) is an output and stays relative to where ``kdens run`` is started.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from kdens.errors import ConfigError
 TOP_KEYS = ("name", "out", "pythonpath", "data", "generalist", "ensemble", "specialists", "distill",
             "deploy", "bench", "report")
 TEACHER_STAGES = ("generalist", "ensemble", "specialists")
+IMPORT_KEYS = ("import_onnx", "import_model", "weights")
+"""``[generalist]`` keys of its import form (``kdens import-model``)."""
 _DATA_KEYS = ("data", "val_fraction", "split_seed")
 _STUDENT_ONLY = ("teacher", "temperature", "alpha", "loss", "method", "method_args", "hint", "generations",
                  "transfer", "fix_bias", "baseline", "cache_dir", "feature_cache_mb", "data", "val_fraction",
@@ -100,10 +111,52 @@ def load_plan(config_file: Path, *, out: Path | None = None) -> Plan:
     """Read a pipeline TOML file and resolve it (see the module docstring for its shape)."""
     config_file = Path(config_file)
     doc = load_toml(config_file)
+    resolve_paths(doc, config_file.parent)
     _add_pythonpath(doc, config_file.parent)
     plan = build_plan(doc, name_default=config_file.stem, out=out)
     plan.config_file = str(config_file)
     return plan
+
+
+def _path(value, base: Path):
+    """A path written in the file, made absolute against its folder (absolute ones and ~ kept)."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _data_spec(value, base: Path):
+    """A data spec's file or folder paths against ``base``; named datasets stay names."""
+    from kdens.data import NAMED_CLASSES
+
+    if not isinstance(value, str) or value == "digits" or value in NAMED_CLASSES:
+        return value
+    return ",".join(_path(p.strip(), base) for p in value.split(","))
+
+
+def resolve_paths(doc: dict, base: Path) -> None:
+    """Every input path in a parsed pipeline file made absolute against ``base`` (the file's folder), in place.
+
+    Teacher names (generalist, ensemble, specialists) stay names; everything else in ``teacher`` is a
+    run folder or a scores file. ``pythonpath`` is resolved by :func:`_add_pythonpath`, ``out`` stays
+    as written (an output, relative to the working directory).
+    """
+    tables = [doc.get(k) for k in ("data", "generalist", "ensemble", "specialists", "deploy")]
+    raw = doc.get("distill")
+    tables += raw if isinstance(raw, list) else [raw]
+    for table in (t for t in tables if isinstance(t, dict)):
+        for key in list(table):
+            norm = key.replace("-", "_")
+            if norm == "data":
+                table[key] = _data_spec(table[key], base)
+            elif norm in ("import_onnx", "weights", "tflite_runtime_venv"):
+                table[key] = _path(table[key], base)
+            elif norm == "teacher" and isinstance(table[key], str):
+                table[key] = ",".join(p if p in TEACHER_STAGES else _path(p, base)
+                                      for p in (q.strip() for q in table[key].split(",")) if p)
+            elif norm == "transfer" and isinstance(table[key], str) and table[key].startswith("unlabeled="):
+                table[key] = "unlabeled=" + _path(table[key][len("unlabeled="):], base)
 
 
 def _add_pythonpath(doc: dict, base: Path) -> None:
@@ -151,8 +204,7 @@ def build_plan(doc: dict, *, name_default: str = "experiment", out: Path | None 
 
     gen = _table(doc, "generalist")
     if gen is not None:
-        stages.append(Stage("generalist", "generalist", "generalist",
-                            _build(STAGES["generalist"].config, "generalist", data, gen)))
+        stages.append(Stage("generalist", "generalist", "generalist", _generalist(data, gen)))
     ens = _table(doc, "ensemble")
     if ens is not None:
         stages.append(Stage("ensemble", "ensemble", "ensemble", _build(STAGES["ensemble"].config, "ensemble", data, ens)))
@@ -173,6 +225,28 @@ def build_plan(doc: dict, *, name_default: str = "experiment", out: Path | None 
     if set(report) - {"html"}:
         raise ConfigError(f"[report] has unknown key(s) {sorted(set(report) - {'html'})}; valid: html")
     return Plan(name=name, exp_dir=exp_dir, stages=stages, doc=doc, html=bool(report.get("html", True)))
+
+
+def _generalist(data: dict, table: dict):
+    """``[generalist]``: a model to train (GeneralistConfig), or in its import form one trained elsewhere."""
+    keys = {k.replace("-", "_") for k in table}
+    if not keys & set(IMPORT_KEYS):
+        return _build(STAGES["generalist"].config, "generalist", data, table)
+    if "weights" in keys and "import_model" not in keys:
+        raise ConfigError("[generalist] weights = ... goes with import_model = \"pkg.module:factory\" (the network "
+                          "the weights are for); add it, or drop weights")
+    if "model" in keys:
+        raise ConfigError("[generalist] has both model (a network to train) and an import key; keep model and the "
+                          "training keys to train one here, or import_onnx / import_model + weights to import one")
+    valid = (*IMPORT_KEYS, "model_args", "data", "val_fraction", "split_seed", "layout", "label_column",
+             "test_fraction", "image_size")
+    unknown = sorted(k for k in table if k.replace("-", "_") not in valid)
+    if unknown:
+        raise ConfigError(f"[generalist] imports a trained model (import_onnx / import_model), so nothing is trained "
+                          f"and {', '.join(unknown)} cannot be set; valid keys: {', '.join(valid)}")
+    rename = {"import_onnx": "onnx", "import_model": "model"}
+    layer = {rename.get(k.replace("-", "_"), k): v for k, v in table.items()}
+    return _build(STAGES["generalist"].import_config, "generalist", data, layer)
 
 
 def _build(cls, where: str, data: dict, table: dict):
@@ -209,6 +283,10 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
         if "model" not in table and teacher == "generalist" and "generalist" in teachers:
             # born-again students and tfkd-self copy the teacher's architecture (and so does their baseline)
             gen = next(s for s in stages if s.name == "generalist").config
+            if gen.model is None:  # an imported ONNX file: nothing kdens can build
+                raise ConfigError(f"[distill] {base}: model is required: the [generalist] is an imported ONNX file, "
+                                  "whose architecture kdens cannot rebuild or train; add model = \"mlp\", \"cnn\", "
+                                  "\"mobilenet\", ... or \"pkg.module:factory\"")
             table["model"], table["model_args"] = gen.model, {**gen.model_args, **table.get("model_args", {})}
         baseline_name = baseline_dir = None
         if want_baseline:

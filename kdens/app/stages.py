@@ -27,6 +27,7 @@ from distill.config import DistillConfig
 from ensembles import stage as ensemble_stage
 from ensembles.config import EnsembleConfig
 from generalist import stage as generalist_stage
+from generalist.imported import ImportConfig
 from kdens.app.cli_deploy import bench_cmd, deploy_cmd
 from kdens.app.cli_distill import distill_cmd
 from kdens.app.cli_ensemble import train_ensemble
@@ -57,16 +58,18 @@ class StageKind:
     """Metrics shown on ``kdens run``'s line for the stage, when its folder has them."""
     lines: Callable[[dict], list[str]] | None = None
     """How ``kdens evaluate`` prints ``evaluate``'s result, one line per part; None: as JSON."""
+    import_config: type | None = None
+    """A second config its ``run`` takes: a model trained elsewhere, imported (``kdens import-model``)."""
 
 
 _SINGLE = ("test_accuracy", "test_errors")
 _GENERALIST = StageKind("generalist", GeneralistConfig, generalist_stage.run, generalist_stage.evaluate,
-                        train_generalist, _SINGLE)
+                        train_generalist, _SINGLE, import_config=ImportConfig)
 
 STAGES: dict[str, StageKind] = {
     "generalist": _GENERALIST,
     # a student's hard-label twin: a generalist run, kept apart for the report
-    "baseline": replace(_GENERALIST, kind="baseline", command=None),
+    "baseline": replace(_GENERALIST, kind="baseline", command=None, import_config=None),
     "ensemble": StageKind("ensemble", EnsembleConfig, ensemble_stage.run, ensemble_stage.evaluate_ensemble,
                           train_ensemble, _SINGLE),
     "specialists": StageKind("specialists", SpecialistsConfig, specialists_stage.run,
