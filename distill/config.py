@@ -162,6 +162,11 @@ class DistillConfig:
         self.hint = hints
 
     @property
+    def twin_in_run(self) -> bool:
+        """Whether the student fits its own hard-label twin (tree students) instead of a separate baseline run."""
+        return trees.is_tree(self.model)
+
+    @property
     def transfer_spec(self) -> TransferSpec:
         """The parsed ``transfer`` value."""
         return parse_transfer(self.transfer)

@@ -227,10 +227,12 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
         tparams = total_params(teacher) if teacher is not None and teacher.usable else None
         rows.append([s.name, teacher.name if teacher else str(s.entry.get("teacher", "-")),
                      f"{fmt(t)} ({pct(m.get('teacher_test_accuracy'))})",
-                     f"{fmt(b)} ({base.name})" if b is not None and base is not None else fmt(b),
+                     f"{fmt(b)} ({base.name})" if b is not None and base is not None else
+                     f"{fmt(b)} (twin fitted in the run)" if b is not None and m.get("hard_label_twin") else fmt(b),
                      f"{fmt(e)} ({pct(m.get('test_accuracy'))})", pct(gap, 1), pct(m.get("teacher_agreement")),
                      fmt(m.get("temperature")), fmt(m.get("alpha")), str(m.get("loss", "-")),
-                     str(m.get("transfer", "-")), f"{count(tparams)} -> {count(m.get('params'))}"])
+                     str(m.get("transfer", "-")), f"{count(tparams)} -> {count(m.get('params'))}"
+                     + (f" ({m['model']}, {m['leaves']} leaves)" if m.get("leaves") is not None else "")])
     if not rows:
         return None
     return Section("Distillation", [Table(
@@ -238,7 +240,8 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
          "gap recovered", "agreement with teacher", "T", "alpha", "loss", "transfer", "params teacher -> student"],
         rows, note="Errors are counted on the test set. Gap recovered = (baseline - distilled) / (baseline - "
                    "teacher) errors; agreement = share of test examples where student and teacher pick the "
-                   "same class.")])
+                   "same class. A tree student's baseline is its hard-label twin (the same tree settings on "
+                   "hard labels), fitted in its own run; its params are the numbers its nodes store.")])
 
 
 # ---------------------------------------------------------------- deploy
