@@ -53,6 +53,16 @@ def is_tree(model: str | None) -> bool:
     return model in TREE_MODELS
 
 
+def check_installed(model: str) -> None:
+    """A tree student is stored as ONNX: refuse before any work when the converter or runtime is missing."""
+    import importlib.util
+
+    missing = [m for m in ("skl2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"--model {model} stores the fitted student as ONNX, which needs {', '.join(missing)}: "
+                          "pip install 'kdens[trees]' (make setup installs it)")
+
+
 def resolve_args(model: str, args: dict) -> dict:
     """``--model-arg`` values checked and completed with the defaults (one ConfigError line if bad)."""
     known = PARAMS[model]

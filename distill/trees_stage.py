@@ -72,6 +72,7 @@ def run(cfg: DistillConfig, run_dir: Path, *, resume: bool = False, force: bool 
     """
     t0 = time.time()
     run_dir = Path(run_dir)
+    trees.check_installed(cfg.model)
     notes: dict = {"alpha_requested": cfg.alpha}
     teacher_paths = split_teacher_spec(cfg.teacher)
     teacher = load_teacher(teacher_paths, "cpu")
