@@ -127,7 +127,8 @@ def run(cfg: DistillConfig, run_dir: Path, *, resume: bool = False, force: bool 
              "transfer": transfer_info, "soft_targets": cache_info, "world_size": 1, "resumed_from_epoch": None,
              "target_distribution": ("tree: squared error on q = alpha*onehot(y) + (1-alpha)*softmax(s/T)"
                                      if cfg.model == "tree" else
-                                     "gbt: squared error on centred log q, q = alpha*onehot(y) + (1-alpha)*softmax(s/T)"),
+                                     "gbt: log-loss on rows (x, c) weighted q_c >= 1e-3, q = alpha*onehot(y) + "
+                                     "(1-alpha)*softmax(s/T)"),
              **notes}
     write_manifest(run_dir, stage="student", config=to_dict(cfg), inputs=inputs, data_fingerprint=data.fingerprint,
                    seed=seed, wall_seconds=round(time.time() - t0, 3), metrics=metrics, extra=extra)

@@ -46,9 +46,19 @@ def test_targets_mix_hard_labels_and_soft_targets_at_t():
     assert np.allclose(q, 0.25 * np.eye(3)[[1, 2]] + 0.75 * soft)
     assert np.allclose(q.sum(1), 1.0)
     assert np.allclose(trees.target_distribution(s, 2.0, 0.25, None), soft)  # no labels: no hard term
-    # gbt's targets with alpha = 0: centred scores / T (logit matching at scale 1/T)
-    z = np.array([[2.0, -1.0, 0.5]])
-    assert np.allclose(trees.centred_logits(trees.target_distribution(z, 4.0, 0.0, None)), (z - z.mean()) / 4.0)
+
+
+def test_gbt_rows_carry_the_soft_labels_as_weights():
+    q = np.array([[0.9995, 0.0004, 0.0001], [0.3, 0.7, 0.0], [0.5, 0.5, 0.0]])
+    rows, cls, w = trees.weighted_rows(q)
+    # every class with q >= 1e-3 is a row weighted q; class 2 (never that likely) keeps its best example
+    assert sorted(zip(rows.tolist(), cls.tolist())) == [(0, 0), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert np.allclose(w, q[rows, cls])
+    # the weighted log-loss is the KD cross-entropy: a classifier on these rows predicts q where it can
+    x = np.array([[0.0], [1.0], [2.0]] * 50, np.float32)
+    qq = np.tile(np.array([[0.8, 0.2, 0.0], [0.1, 0.6, 0.3], [0.0, 0.1, 0.9]]), (50, 1))
+    est = trees.fit_student("gbt", trees.resolve_args("gbt", {"max_iter": 200, "min_samples_leaf": 1}), x, qq, 0)
+    assert np.abs(trees.predict_proba(est, x[:3], 3) - qq[:3]).max() < 0.02
 
 
 def test_a_leaf_predicts_the_mean_target_distribution():
