@@ -1,7 +1,7 @@
 """Tree students: a decision tree or histogram gradient boosting fitted to the teacher's soft targets.
 
-A tree is not trained by gradient descent, so it cannot take the KD loss as it is; what it
-can do is regression. Both students fit the same target distribution, the KD mixture
+A tree is grown, not trained by back-propagation, so it cannot take the KD loss the way a
+network does. Both students fit the KD target distribution instead,
 
     q = alpha * onehot(y) + (1 - alpha) * softmax(s / T)        # (N, C)
 
