@@ -20,7 +20,10 @@ errors are the "hard" column. One gbt (histogram gradient boosting) of each data
 way. Every student is deployed with ``kdens deploy --target onnx --batch-sizes 1 --threads 1``;
 the batch-1 p50 is read from its report. One seed (0). Finished runs are reused.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_trees.py --runs runs/trees --out bench/results/trees
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_trees.py --runs runs/trees --sets tabular \\
+        --out bench/results/trees-tabular
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_trees.py --runs runs/trees --sets fashion-mnist \\
+        --out bench/results/trees-fashion-mnist
 """
 
 from __future__ import annotations
