@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         x_tr, y_tr, x_te, y_te = make_data(w, a.rows, a.seed)
         res["feature_ranges"] = [[float(lo), float(hi)] for lo, hi in zip(x_tr.min(0), x_tr.max(0))]
         data = f"{w / 'train.csv'},{w / 'test.csv'}"
-        common = ["--epochs", str(a.epochs), "--optimizer", "adamw", "--batch-size", "128", "--quiet"]
+        # --patience 10: the default when these numbers were measured (early stopping is off by default now)
+        common = ["--epochs", str(a.epochs), "--optimizer", "adamw", "--batch-size", "128", "--patience", "10",
+                  "--quiet"]
         kdens(["train-generalist", "--data", data, "--model", "mlp", "--model-arg", "hidden=256,256",
                *common, "--out", str(w / "teacher")], log)
         kdens(["train-generalist", "--data", data, "--model", "mlp", "--model-arg", "hidden=32",

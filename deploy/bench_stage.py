@@ -140,6 +140,7 @@ def _timed_rounds(models, stats, threads, batch_sizes, opts, rounds: int) -> Non
 
 def baseline(deploy_dir: Path, reports: dict[str, dict], opts) -> dict | None:
     """PyTorch eager report of the model the artifacts came from (if they share one)."""
+    from deploy.onnx_ready import onnx_student
     from kdens.models import load_model
     from kdens.runs import run_data
 
@@ -147,6 +148,8 @@ def baseline(deploy_dir: Path, reports: dict[str, dict], opts) -> dict | None:
     if len(runs) != 1:
         return None  # artifacts of several models: no single eager baseline
     run = Path(runs.pop())
+    if onnx_student(run) is not None:
+        return None  # a tree student has no eager model: its ONNX file is the model
     data = run_data(read_manifest(run))
     model, _ = load_model(run)
     report = bench.baseline_report(model, common.DeployData(data.x_train, data.x_test, data.y_test), opts)

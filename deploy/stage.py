@@ -2,7 +2,8 @@
 
 Reads a finished single-model run folder (generalist or student; its manifest's hashes
 checked), rebuilds its dataset from the manifest (fingerprint checked), and hands model +
-arrays to the target module (``onnx_export``, ``tflite_export`` or ``fpga``). Writes the
+arrays to the target module (``onnx_export``, ``tflite_export`` or ``fpga``; a tree student,
+already an ONNX file, to ``onnx_ready``). Writes the
 run folder (``<out>/<target>-<precision>/`` from the CLI) with the model file(s),
 ``report.json``, ``report.md`` and, last, ``manifest.json``. A failed gate or check raises
 :class:`GateFailed` after everything is written, so the artifact stays for inspection.
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy import onnx_ready
 from deploy.common import DeployData, sample_rows
 from deploy.config import DEFAULT_FPGA_PRECISION, DeployConfig
+from deploy.onnx_ready import check_target, input_files, onnx_student
 from deploy.report import evaluate_gates, gate_failure_message, write_report
 from kdens.artifacts import MANIFEST, read_manifest, sha256_file, write_manifest
 from kdens.errors import ArtifactError, GateFailed
@@ -50,17 +53,23 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
     if (run_dir / MANIFEST).exists() and not (force or resume):
         raise ArtifactError(f"{run_dir} already holds a finished deploy; pass --force to export again, "
                             "or choose another --out")
+    tree = onnx_student(model_dir)  # a tree student is an ONNX file already (deploy/onnx_ready.py)
+    if tree is not None:
+        check_target(tree, model_dir, cfg.target, cfg.opts.quantize)
     if cfg.target == "tflite":  # a cross-check venv named explicitly must work: refuse before any write
         from deploy.tflite_check import find_tflite_runtime
 
         find_tflite_runtime(cfg.opts.tflite_runtime_venv)
     data = run_data(manifest)
-    model, spec = load_model(model_dir)
-    require_torch(model, model_dir, f"kdens deploy exports a PyTorch network to {cfg.target}")
+    model, spec = load_model(model_dir) if tree is None else (None, tree)
+    if tree is None:
+        require_torch(model, model_dir, f"kdens deploy exports a PyTorch network to {cfg.target}")
     module = importlib.import_module(MODULES[cfg.target])
     (run_dir / MANIFEST).unlink(missing_ok=True)  # a redeploy is unfinished until its manifest lands
     opts = cfg.opts
-    if cfg.target == "fpga":  # hls4ml takes one ap_fixed input type: the float model input (report says)
+    if tree is not None or cfg.target == "fpga":
+        # a tree's ONNX file takes the model input as it was fitted; hls4ml takes one ap_fixed input
+        # type: the float model input (its report says how to get there)
         arrays = DeployData(x_calib=data.x_train, x_test=data.x_test, y_test=data.y_test)
     else:  # ONNX and TFLite files take the user's raw arrays; every gate feeds them exactly those
         raw = data.raw_input
@@ -71,7 +80,9 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
         if isinstance(x_test, MappedRows):  # every test row feeds the gates
             x_test = np.asarray(x_test)
         arrays = DeployData(x_calib=to_raw(x_calib, raw), x_test=to_raw(x_test, raw), y_test=data.y_test, input=raw)
-    if cfg.target == "fpga":
+    if tree is not None:
+        report = onnx_ready.deploy(model_dir, tree, arrays, opts, run_dir, manifest.get("metrics", {}).get("params"))
+    elif cfg.target == "fpga":
         report = module.deploy(model, arrays, opts, run_dir, precision=cfg.precision or DEFAULT_FPGA_PRECISION,
                                sweep=cfg.sweep, min_agreement=cfg.min_agreement)
     else:
@@ -88,7 +99,7 @@ def run(cfg: DeployConfig, run_dir: Path, *, resume: bool = False, force: bool =
     config = {**asdict(cfg), "opts": asdict(opts)}
     write_manifest(run_dir, stage="deploy", config=config,
                    inputs={str(model_dir / name): sha256_file(model_dir / name)
-                           for name in (MANIFEST, "model.safetensors")},
+                           for name in [MANIFEST] + (input_files(tree) if tree else ["model.safetensors"])},
                    data_fingerprint=data.fingerprint, seed=opts.seed, wall_seconds=round(time.time() - t0, 3),
                    metrics={k: report.get(k) for k in ("accuracy", "float_accuracy", "agreement", "size_bytes")},
                    extra={"data_config": data_config(manifest), "verdict": report["verdict"]})

@@ -6,12 +6,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Union
 
+from distill import trees
 from distill.feature_cache import parse_budget
 from distill.methods import LOSS_ALIASES, method_class
 from distill.methods.hints import parse_hints
 from distill.transfer import TransferSpec, parse_transfer
 from kdens.errors import ConfigError
 from kdens.train import TrainConfig
+
+TREE_METHODS = ("kd", "soft")
+"""The methods a tree student takes: their soft targets (T) and hard-label weight (alpha) define its targets."""
 
 
 @dataclass
@@ -22,8 +26,8 @@ class DistillConfig:
     """Teacher run folder (generalist, student, ensemble, specialists, generations), or several joined by
     commas; not needed by --method tfkd-virtual."""
     model: str | None = None
-    """Student registry name (mlp, cnn, lenet5) or package.module:factory; default: the teacher's
-    architecture when the teacher is a single model."""
+    """Student registry name (mlp, cnn, lenet5), package.module:factory, or a tree student (tree, gbt:
+    distill/trees.py); default: the teacher's architecture when the teacher is a single model."""
     model_args: dict = field(default_factory=dict)
     """Student keyword arguments, e.g. {hidden = [800, 800]}."""
     data: str | None = None
@@ -93,6 +97,8 @@ class DistillConfig:
         if self.fix_bias and spec.kind != "omit":
             raise ConfigError(f"--fix-bias needs --transfer omit=C1,... (got --transfer {self.transfer}): "
                               "only omitted classes have a bias to fix")
+        if trees.is_tree(self.model):
+            self._check_tree()
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if self.fix_bias and self.val_fraction == 0.0:
@@ -133,6 +139,26 @@ class DistillConfig:
         self.alpha = self.method_args.get("alpha") if self.method in LOSS_ALIASES else None
         self.loss = self.method if self.method in LOSS_ALIASES else None
 
+    def _check_tree(self) -> None:
+        """A tree student (distill/trees.py) is fitted once to soft targets: refuse what only a network does."""
+        m = self.model
+        if self.method not in TREE_METHODS:
+            raise ConfigError(f"--model {m} is fitted to the teacher's soft targets by regression; --method "
+                              f"{self.method} is a loss for networks: use --method {' or '.join(TREE_METHODS)}")
+        refusals = [(self.train.jitter > 0, f"--jitter {self.train.jitter:g}",
+                     "a tree sees each input once; jittered copies need the teacher online every step"),
+                    (bool(self.train.augment), f"--augment {','.join(self.train.augment)}",
+                     "a tree sees each input once; augmented views need the teacher online every step"),
+                    (self.generations is not None, f"--generations {self.generations}",
+                     "born-again chains train networks from networks"),
+                    (self.fix_bias, "--fix-bias", "it shifts a network's output bias"),
+                    (self.baseline is not None, f"--baseline {self.baseline}",
+                     "the hard-label twin (same tree settings on hard labels) is fitted in the same run")]
+        for bad, flag, why in refusals:
+            if bad:
+                raise ConfigError(f"{flag} does not apply to --model {m}: {why}; drop it")
+        self.model_args = trees.resolve_args(m, dict(self.model_args or {}))
+
     def _resolve_hints(self) -> None:
         hints = self.hint
         if hints is None:
@@ -145,6 +171,11 @@ class DistillConfig:
                               f"--method {self.method} reads only the outputs")
         parse_hints(hints)  # ConfigError naming a malformed value
         self.hint = hints
+
+    @property
+    def twin_in_run(self) -> bool:
+        """Whether the student fits its own hard-label twin (tree students) instead of a separate baseline run."""
+        return trees.is_tree(self.model)
 
     @property
     def transfer_spec(self) -> TransferSpec:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -23,60 +24,51 @@ import torch
 from distill import feature_cache, impressions, online
 from distill.cache import cache_key
 from distill.config import DistillConfig
-from distill.loop import (agree, cached_loss_fn, cached_targets, init_distributed, online_loss_fn, output_head,
-                          shift_bias)
+from distill.loop import (
+    agree,
+    cached_loss_fn,
+    init_distributed,
+    online_loss_fn,
+    output_head,
+    shift_bias,
+)
 from distill.methods import make_method
-from distill.munge import munge
+from distill.prepare import (
+    check_compatible,
+    default_cache_dir,
+    resolve_data,
+    soft_targets,
+    transfer_set,
+)
 from distill.resolve import check_teacher, resolve_model, unlabeled
 from distill.scores import ScoresTeacher, refuse_online
 from distill.teachers import (Teacher, cache_options, load_teacher, soft_scores_depend_on_temperature,
                               soft_scores_fn, split_teacher_spec, teacher_log_probs)
-from distill.transfer import TransferSpec, fit_bias_shift, omit_classes, stratified_fraction
+from distill.transfer import TransferSpec, fit_bias_shift
+from distill.trees import is_tree
 from kdens import metrics as M
-from kdens.artifacts import MANIFEST, atomic_write_json, read_manifest, sha256_file, write_manifest
+from kdens.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from kdens.config import to_dict
-from kdens.data import Dataset, load_unlabeled
+from kdens.data import Dataset
 from kdens.errors import ConfigError, DataError, KdensError
 from kdens.evaluate import evaluate_model
-from kdens.models import build_for_data, count_params, load_model, model_spec, save_model
+from kdens.models import (
+    build_for_data,
+    count_params,
+    load_model,
+    model_spec,
+    save_model,
+)
 from kdens.runs import check_augmentation, load_data, prepare_run_dir, run_key
 from kdens.train import CHECKPOINT, distributed, fit, predict_logits, resolve_device, schedule_metrics
 
 STUDENT_FILES = ["history.json", "manifest.json", "metrics.json", "model.json", "model.safetensors"]
-
-
-def default_cache_dir(run_dir: Path) -> Path:
-    """``runs/<exp>/soft_targets`` for a student in ``runs/<exp>/<name>``: found by every student."""
-    return Path(run_dir).parent / "soft_targets"
-
-
-def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """The transfer set's inputs, labels (None if unlabeled) and a description for the manifest."""
-    if spec.kind == "val":
-        x, y = data.x_val, data.y_val
-        if len(y) == 0:
-            raise ConfigError("--transfer val needs a validation split; set --val-fraction > 0")
-    elif spec.kind == "fraction":
-        keep = stratified_fraction(data.y_train, spec.fraction, seed)
-        x, y = data.x_train[keep], data.y_train[keep]
-    elif spec.kind == "omit":
-        keep = omit_classes(data.y_train, spec.classes, num_classes=data.num_classes)
-        x, y = data.x_train[keep], data.y_train[keep]
-    elif spec.kind == "munge":
-        x, y = munge(data.x_train, spec.count, spec.p, spec.s, seed), None
-    elif spec.kind == "unlabeled":
-        x, y = load_unlabeled(Path(spec.path)), None
-        if tuple(x.shape[1:]) != tuple(data.input_shape):
-            raise DataError(f"--transfer {spec}: images are {tuple(x.shape[1:])}, the data's are "
-                            f"{tuple(data.input_shape)}; they must match the teacher's inputs")
-        if len(x) == 0:
-            raise DataError(f"--transfer {spec}: the file holds no images")
-    else:
-        x, y = data.x_train, data.y_train
-    info = {"spec": str(spec), "examples": int(len(x)), "labeled": y is not None}
-    if spec.kind == "unlabeled":
-        info["sha256"] = sha256_file(Path(spec.path))
-    return x, y, info
 
 
 def _impressions(teacher: Teacher | None, cfg: DistillConfig, spec: TransferSpec, data: Dataset, cache_dir: Path,
@@ -101,24 +93,6 @@ def _impressions(teacher: Teacher | None, cfg: DistillConfig, spec: TransferSpec
     return x_tr, None, info, data
 
 
-def _resolve_data(cfg: DistillConfig, teacher: Teacher | None) -> DistillConfig:
-    """Fill the data settings left unset (data, val_fraction, split_seed, layout, ...) with the teacher's own
-    (digits' defaults without a teacher)."""
-    tdc = teacher.data_config if teacher is not None else {"data": "digits", "val_fraction": 0.1, "split_seed": 0}
-    keys = ("data", "val_fraction", "split_seed", "layout", "label_column", "test_fraction", "image_size")
-    return dataclasses.replace(cfg, **{k: getattr(cfg, k) if getattr(cfg, k) is not None else tdc.get(k)
-                                       for k in keys})
-
-
-def _check_compatible(teacher: Teacher, data: Dataset, what: str = "the teacher") -> None:
-    if teacher.num_classes != data.num_classes or tuple(teacher.input_shape) != tuple(data.input_shape):
-        raise DataError(
-            f"{what} predicts {teacher.num_classes} classes from inputs {tuple(teacher.input_shape)}, but "
-            f"--data {data.name} has {data.num_classes} classes of {tuple(data.input_shape)}; "
-            "distill on data of the teacher's kind (or leave --data unset to use the teacher's)"
-        )
-
-
 def _baseline_errors(run_dir: Path, data: Dataset, batch_size: int) -> tuple[int, str]:
     """Test errors of a hard-label run on this data's test split, and its manifest's sha256."""
     read_manifest(run_dir, ("generalist", "student"))
@@ -139,6 +113,12 @@ def run(cfg: DistillConfig, run_dir: Path, *, resume: bool = False, force: bool 
     rank calls this; the stage joins the process group, rank 0 builds the cache and writes
     every file, and ``fit`` shards each batch.
     """
+    if is_tree(cfg.model):  # fitted once, not trained: its own small path
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"--model {cfg.model} is fitted in one process; run it without torchrun")
+        from distill.trees_stage import run as run_tree
+
+        return run_tree(cfg, Path(run_dir), resume=resume, force=force, progress=progress)
     created, device_str = init_distributed(cfg.train.device)
     try:
         if cfg.generations is not None:
@@ -166,13 +146,13 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         method = make_method(cfg.method, cfg.method_args)
         check_teacher(method, teacher, cfg.teacher, world)
         refuse_online(teacher, cfg)
-        cfg = resolve_model(_resolve_data(cfg, teacher), teacher)
+        cfg = resolve_model(resolve_data(cfg, teacher), teacher)
         data = load_data(dataclasses.asdict(cfg))
         if isinstance(teacher, ScoresTeacher):
             teacher.check_data(data)
             teacher.rows(cfg.transfer_spec, data, cfg.split_seed)  # refuses transfer sets of new inputs
         elif teacher is not None:
-            _check_compatible(teacher, data)
+            check_compatible(teacher, data)
         check_augmentation(data, cfg.train)
         spec = cfg.transfer_spec
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run_dir)
@@ -267,32 +247,23 @@ def _logit_loss_fn(method, teacher: Teacher | None, cfg: DistillConfig, data: Da
             return method.loss(logits, None, yb)
 
         return free, {"online": False, "reused": False, "build_seconds": 0.0, "key": None, "teacher": False}
-    # the soft targets at the method's T (distill.teachers: "Soft targets at a temperature T"); T
-    # enters the cache key only for teachers whose scores depend on it (arithmetic ensembles)
     temperature = method.temperature if method.temperature is not None else 1.0
-    soft_fn = soft_scores_fn(teacher, temperature)
-    soft_t = float(temperature) if soft_scores_depend_on_temperature(teacher) else None
-    extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
-    if soft_t is not None:
-        extra["soft_temperature"] = soft_t
-    key = cache_key(hashes, data.fingerprint, str(spec), extra)
     if isinstance(teacher, ScoresTeacher):  # the scores are the cache: take the transfer set's rows
+        extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
+        if soft_scores_depend_on_temperature(teacher):
+            extra["soft_temperature"] = float(temperature)
         return cached_loss_fn(method.loss, teacher.targets(spec, data, cfg.split_seed, device)), {
             "online": False, "reused": False, "precomputed": True, "build_seconds": 0.0, "soft_temperature": None,
-            "key": key, "path": str(teacher.path)}
+            "key": cache_key(hashes, data.fingerprint, str(spec), extra), "path": str(teacher.path)}
     if cfg.train.jitter > 0 or cfg.train.augment:
         # jittered / augmented inputs change every step: a cache of the clean images would be the wrong
         # targets; online, the teacher scores exactly the views the student sees
-        return online_loss_fn(method.loss, soft_fn), {"online": True, "reused": False, "build_seconds": 0.0,
-                                                      "key": None, "soft_temperature": soft_t}
-    meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
-            "data_fingerprint": data.fingerprint, "transfer": str(spec), "soft_temperature": soft_t}
-    targets, info = cached_targets(Path(cfg.cache_dir), key, x_tr, soft_fn, device, cfg.train.eval_batch_size,
-                                   progress, meta)
-    return cached_loss_fn(method.loss, targets), {
-        "online": False, "reused": bool(info["reused"]), "soft_temperature": soft_t,
-        "build_seconds": round(float(info["build_seconds"]), 3), "load_seconds": round(float(info["seconds"]), 3),
-        "key": key, "path": info["path"]}
+        soft_t = float(temperature) if soft_scores_depend_on_temperature(teacher) else None
+        return online_loss_fn(method.loss, soft_scores_fn(teacher, temperature)), {
+            "online": True, "reused": False, "build_seconds": 0.0, "key": None, "soft_temperature": soft_t}
+    targets, info = soft_targets(teacher, temperature, data, spec, x_tr, transfer_info, hashes,
+                                 Path(cfg.cache_dir), device, cfg.train.eval_batch_size, progress)
+    return cached_loss_fn(method.loss, targets), info
 
 
 def _teacher_features(features: online.FeatureSetup, cfg: DistillConfig, data: Dataset, spec: TransferSpec,

@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from distill.methods import METHODS
-from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model_options, print_metrics,
-                                  run_options, train_options)
+from kdens.app.cli_common import CONTEXT, RUN_KEYS, data_options, layers, print_metrics, run_options, train_options
 
 
 
@@ -18,7 +17,12 @@ from kdens.app.cli_common import (CONTEXT, RUN_KEYS, data_options, layers, model
               help="Teacher run folder (generalist, student, ensemble, specialists, generations), or several "
                    "joined by commas; tfkd-virtual needs none.")
 @data_options
-@model_options
+@click.option("--model", type=str,
+              help="mlp, cnn, lenet5, mobilenet, package.module:factory, or a tree student: tree (decision tree) "
+                   "or gbt (histogram gradient boosting), fitted to the soft targets [the teacher's].")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Model argument, repeatable: hidden=1200,1200 dropout=0.5; tree: max_depth=8 "
+                   "min_samples_leaf=1; gbt: max_iter=100 max_leaf_nodes=31 learning_rate=0.1.")
 @click.option("--method", type=str, metavar="NAME",
               help=f"Distillation method: {', '.join(METHODS)} [kd]; see docs/methods.md.")
 @click.option("--method-arg", "method_args", multiple=True, metavar="KEY=VALUE",
@@ -56,7 +60,8 @@ def distill_cmd(**flags):
     architecture reuses them (with --jitter the teacher runs online instead). Feature methods
     (fitnets, fsp, rkd) match hidden layers (--hint); without --jitter the teacher's features are
     computed once, kept in memory or on disk by --feature-cache-mb. tfkd-virtual
-    needs no teacher. --data, --val-fraction and --split-seed default to the teacher's own
+    needs no teacher. Tree students (--model tree|gbt, kd or soft) are fitted once to the soft
+    targets, with their hard-label twin, and stored as ONNX. --data, --val-fraction and --split-seed default to the teacher's own
     (from its manifest), not to digits; --model defaults to a single-model teacher's architecture.
 
     \b
@@ -72,6 +77,8 @@ def distill_cmd(**flags):
           --out runs/fm/student-no3
       kdens distill --teacher runs/mnist/lenet5 --model lenet5 --model-arg width=0.5 \\
           --transfer impressions=24000 --temperature 20 --out runs/mnist/zskd
+      kdens distill --teacher runs/fm/generalist --model tree --model-arg max_depth=10 \\
+          --transfer munge=60000 --out runs/fm/student-tree
     """
     from distill.config import DistillConfig
     from distill.stage import run

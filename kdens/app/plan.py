@@ -21,7 +21,8 @@ File shape (every table but ``[data]`` and one teacher is optional)::
                   temperature may be a list: one student each;
                   without model, a student taught by [generalist] copies its architecture.
                   The baseline is the same student and recipe on hard labels; with
-                  transfer = "fraction=F" it trains on the same fraction (train_fraction = F)
+                  transfer = "fraction=F" it trains on the same fraction (train_fraction = F);
+                  a tree student (model = "tree" | "gbt") fits its twin in its own run
     [deploy]      student, targets = ["onnx:int8", "tflite:int8", "fpga:ap_fixed<16,6>"],
                   and the flags of `kdens deploy` (max_accuracy_drop, batch_sizes, ...)
     [bench]       threads, batch_sizes                    (`kdens bench` over deploy/)
@@ -289,9 +290,9 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
                                   "\"mobilenet\", ... or \"pkg.module:factory\"")
             table["model"], table["model_args"] = gen.model, {**gen.model_args, **table.get("model_args", {})}
         baseline_name = baseline_dir = None
-        if want_baseline:
+        probe = _build(STAGES["student"].config, f"distill {base}", {}, {**data, **table, "teacher": teacher_path})
+        if want_baseline and not probe.twin_in_run:  # a tree student fits its hard-label twin itself
             hard = {k: v for k, v in table.items() if k not in _STUDENT_ONLY}
-            probe = _build(STAGES["student"].config, f"distill {base}", {}, {**data, **table, "teacher": teacher_path})
             if probe.transfer_spec.kind == "fraction":  # the twin sees the same examples, with hard labels
                 hard["train_fraction"] = probe.transfer_spec.fraction
             cfg = _build(STAGES["baseline"].config, f"distill {base} (baseline)", data, hard)

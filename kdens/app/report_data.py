@@ -229,6 +229,10 @@ def test_scores(stage: StageView, data) -> np.ndarray:
         from distill.teachers import load_teacher, teacher_log_probs  # the spine imports later stages lazily
 
         return teacher_log_probs(load_teacher(stage.path), data.x_test).numpy()
+    from distill.trees_stage import is_tree_run, test_log_probs
+
+    if is_tree_run(stage.path):  # a tree student answers through its ONNX file
+        return test_log_probs(stage.path, data.x_test)
     from kdens.models import load_model
     from kdens.train import predict_logits
 

@@ -229,10 +229,12 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
         tparams = total_params(teacher) if teacher is not None and teacher.usable else None
         rows.append([s.name, teacher.name if teacher else str(s.entry.get("teacher", "-")),
                      f"{fmt(t)} ({pct(m.get('teacher_test_accuracy'))})",
-                     f"{fmt(b)} ({base.name})" if b is not None and base is not None else fmt(b),
+                     f"{fmt(b)} ({base.name})" if b is not None and base is not None else
+                     f"{fmt(b)} (twin fitted in the run)" if b is not None and m.get("hard_label_twin") else fmt(b),
                      f"{fmt(e)} ({pct(m.get('test_accuracy'))})", gap_cell, pct(m.get("teacher_agreement")),
                      fmt(m.get("temperature")), fmt(m.get("alpha")), _loss(m),
-                     str(m.get("transfer", "-")), f"{count(tparams)} -> {count(m.get('params'))}"])
+                     str(m.get("transfer", "-")), f"{count(tparams)} -> {count(m.get('params'))}"
+                     + (f" ({m['model']}, {m['leaves']} leaves)" if m.get("leaves") is not None else "")])
     if not rows:
         return None
     return Section("Distillation", [Table(
@@ -240,8 +242,10 @@ def distillation_section(exp: Experiment, figs: Figures) -> Section | None:
          "gap recovered", "agreement with teacher", "T", "alpha", "loss", "transfer", "params teacher -> student"],
         rows, note="Errors are counted on the test set. Gap recovered = (baseline - distilled) / (baseline - "
                    "teacher) errors, shown only when the teacher's lead b - t exceeds 2 * sqrt(b + t) errors (twice "
-                   "the sampling noise of the difference; n/a otherwise); agreement = share of test examples where student and teacher pick the "
-                   "same class.")])
+                   "the sampling noise of the difference; n/a otherwise); agreement = share of test examples where "
+                   "student and teacher pick the same class. A tree student's baseline is its hard-label twin (the "
+                   "same tree settings on hard labels), fitted in its own run; its params are the numbers its nodes "
+                   "store.")])
 
 
 def _loss(m: dict) -> str:

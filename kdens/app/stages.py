@@ -23,6 +23,7 @@ from deploy.bench_stage import BenchConfig
 from deploy.config import DeployConfig
 from distill import generations
 from distill import stage as distill_stage
+from distill import trees_stage
 from distill.config import DistillConfig
 from ensembles import stage as ensemble_stage
 from ensembles.config import EnsembleConfig
@@ -66,6 +67,15 @@ _SINGLE = ("test_accuracy", "test_errors")
 _GENERALIST = StageKind("generalist", GeneralistConfig, generalist_stage.run, generalist_stage.evaluate,
                         train_generalist, _SINGLE, import_config=ImportConfig)
 
+
+
+def _evaluate_student(run_dir: Path, manifest: dict) -> dict:
+    """A network student like a generalist; a tree student through its ONNX file."""
+    if trees_stage.is_tree_run(run_dir):
+        return trees_stage.evaluate(run_dir, manifest)
+    return generalist_stage.evaluate(run_dir, manifest)
+
+
 STAGES: dict[str, StageKind] = {
     "generalist": _GENERALIST,
     # a student's hard-label twin: a generalist run, kept apart for the report
@@ -76,7 +86,7 @@ STAGES: dict[str, StageKind] = {
                              specialists_stage.evaluate_specialists, train_specialists, ("combined_test_accuracy",)),
     # one spec-NN folder inside a specialists run: evaluated on its |S| + 1-way task
     "specialist": StageKind("specialist", None, None, specialists_stage.evaluate_specialist, None),
-    "student": StageKind("student", DistillConfig, distill_stage.run, generalist_stage.evaluate, distill_cmd,
+    "student": StageKind("student", DistillConfig, distill_stage.run, _evaluate_student, distill_cmd,
                          (*_SINGLE, "gap_recovered")),
     # the folder of `kdens distill --generations N`: gen-01..gen-N students and their ensemble
     "generations": StageKind("generations", None, None, generations.evaluate_generations, None,
