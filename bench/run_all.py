@@ -112,6 +112,32 @@ STEPS: dict[str, list] = {
     # issue 15: data-free distillation on MNIST (ZSKD's LeNet-5 -> LeNet-5-Half, scaled down; ~30 CPU-minutes)
     "impressions": [[PY, "bench/bench_impressions.py", "--runs", "runs/zskd-mnist", "--impressions", "3000",
                      "--iters", "200", "--di-epochs", "40,200", "--out", "bench/results/impressions-mnist"]],
+    # issue 15: tree students on a generated tabular set and on Fashion-MNIST (~70 minutes on a loaded machine)
+    "trees": [[PY, "bench/bench_trees.py", "--runs", "runs/trees", "--sets", "tabular",
+               "--out", "bench/results/trees-tabular"],
+              [PY, "bench/bench_trees.py", "--runs", "runs/trees", "--sets", "fashion-mnist",
+               "--out", "bench/results/trees-fashion-mnist"]],
+    # issue 12: tabular features end to end, data bigger than memory
+    "tabular": [[PY, "bench/bench_tabular.py", "--out", "bench/results/tabular"]],
+    "big-data": [[PY, "bench/bench_big_data.py", "--out", "bench/results/big-data"]],
+    # issue 14: cached teacher features vs online
+    "feature-cache": [[PY, "bench/bench_feature_cache.py", "--data", "fashion-mnist", "--fraction", "0.2", "--epochs",
+                       "2", "--threads", "1", "--out", "bench/results/feature_cache.json"]],
+    # issue 17: early stopping against the cosine schedule (old default vs new, ~1 CPU-hour)
+    "patience": [[PY, "bench/bench_patience.py", "--runs", "runs/patience", "--out", "bench/results/patience"]],
+    # issue 13: seed 0 of the paper's MNIST table (teacher 1200-1200, 800-800 hard vs T=20; CPU-hours)
+    "mnist-table": [
+        kdens_if_missing("runs/mnist/teacher-s0", "train-generalist", "--data", "mnist", "--val-fraction", "0",
+                         "--weight-decay", "0", "--model", "mlp", "--model-arg", "hidden=1200,1200", "--model-arg",
+                         "dropout=0.5", "--model-arg", "input_dropout=0.2", "--jitter", "2", "--epochs", "60",
+                         "--seed", "0"),
+        kdens_if_missing("runs/mnist/hard-s0", "train-generalist", "--data", "mnist", "--val-fraction", "0",
+                         "--weight-decay", "0", "--model", "mlp", "--model-arg", "hidden=800,800", "--epochs", "30",
+                         "--seed", "0"),
+        kdens_if_missing("runs/mnist/kd-T20-s0", "distill", "--teacher", "runs/mnist/teacher-s0", "--data", "mnist",
+                         "--val-fraction", "0", "--weight-decay", "0", "--model", "mlp", "--model-arg",
+                         "hidden=800,800", "--temperature", "20", "--alpha", "0.1", "--epochs", "30", "--seed", "0",
+                         "--baseline", "runs/mnist/hard-s0")],
 }
 
 

@@ -34,7 +34,9 @@ def onnx_student(model_dir: Path) -> dict | None:
     """The run folder's model.json when its model is stored as ONNX (a tree student), else None."""
     path = Path(model_dir) / "model.json"
     spec = read_json(path) if path.exists() else {}
-    return spec if spec.get("format") == "onnx" else None
+    # an imported ONNX teacher (kdens import-model) is ONNX too but has no fitted reference: it is
+    # loaded as a model and refused by the stage as not a PyTorch network
+    return spec if spec.get("format") == "onnx" and spec.get("reference") else None
 
 
 def check_target(spec: dict, model_dir: Path, target: str, quantize: str) -> None:

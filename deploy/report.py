@@ -131,7 +131,8 @@ def render_markdown(report: dict) -> str:
     if inp:  # what the file takes, in one line: the first thing a user wiring it up needs
         rng = inp.get("range") or ["?", "?"]
         channels = f", channels {inp['channel_order']}" if inp.get("channel_order") else ""
-        lines += [f"Input: {inp['dtype']} {inp['layout']} {inp['shape']}, values {rng[0]:g}..{rng[1]:g}"
+        lo, hi = (f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in rng)
+        lines += [f"Input: {inp['dtype']} {inp['layout']} {inp['shape']}, values {lo}..{hi}"
                   f" ({inp.get('range_from')}){channels}" + (f"; {inp['note']}" if inp.get("note") else ""), ""]
     lat = report.get("latency_ms") or {}
     if lat:

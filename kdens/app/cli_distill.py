@@ -75,8 +75,8 @@ def distill_cmd(**flags):
       kdens distill --teacher runs/fm/generalist --generations 3 --out runs/fm/born-again
       kdens distill --teacher runs/fm/generalist --model mlp --transfer omit=3 --fix-bias \\
           --out runs/fm/student-no3
-      kdens distill --teacher runs/mnist/lenet5 --model lenet5 --model-arg width=0.5 \\
-          --transfer impressions=24000 --temperature 20 --out runs/mnist/zskd
+      kdens distill --teacher runs/fm/generalist --model lenet5 --model-arg width=0.5 \\
+          --transfer impressions=24000 --temperature 20 --out runs/fm/zskd
       kdens distill --teacher runs/fm/generalist --model tree --model-arg max_depth=10 \\
           --transfer munge=60000 --out runs/fm/student-tree
     """
