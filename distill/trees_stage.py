@@ -34,6 +34,7 @@ from distill.prepare import (
     transfer_set,
 )
 from distill.resolve import unlabeled
+from distill.scores import ScoresTeacher
 from distill.teachers import load_teacher, split_teacher_spec, teacher_log_probs
 from kdens import metrics as M
 from kdens.artifacts import (
@@ -48,6 +49,7 @@ from kdens.artifacts import (
 )
 from kdens.config import to_dict
 from kdens.data import Dataset
+from kdens.errors import ConfigError
 from kdens.runs import load_data, prepare_run_dir, run_data
 
 MODEL_FILE = "model.onnx"
@@ -76,6 +78,10 @@ def run(cfg: DistillConfig, run_dir: Path, *, resume: bool = False, force: bool 
     notes: dict = {"alpha_requested": cfg.alpha}
     teacher_paths = split_teacher_spec(cfg.teacher)
     teacher = load_teacher(teacher_paths, "cpu")
+    if isinstance(teacher, ScoresTeacher):  # a tree's metrics and twin gap need the teacher's test answers
+        raise ConfigError(f"--teacher {teacher.path} holds precomputed scores of the training rows only, but a "
+                          f"--model {cfg.model} student is measured against its teacher on the test split; import "
+                          "the teacher model (kdens import-model) or distill a network student from the scores")
     method = make_method(cfg.method, cfg.method_args)
     cfg = resolve_data(cfg, teacher)
     data = load_data(dataclasses.asdict(cfg))

@@ -112,6 +112,7 @@ def test_what_scores_cannot_do_is_refused_in_one_line(teacher, tmp_path):
         (["--data", "digits", "--model", "mlp", "--method", "fitnets"], "precomputed scores"),
         (["--data", "digits", "--model", "mlp", "--transfer", f"unlabeled={path}"], "training rows only"),
         (["--data", "digits"], "--model is required"),
+        (["--data", "digits", "--model", "tree"], "import the teacher model"),
     ]
     for args, words in cases:
         r = _run("distill", "--teacher", path, *args, "--out", tmp_path / "x")
