@@ -59,10 +59,14 @@ def check_teacher(teacher, spec_text: str | None) -> nn.Linear:
                           f"torch network (a generalist or student run folder); {spec_text} is a {kind} teacher, "
                           "which cannot be differentiated as one network (precomputed scores and ONNX files "
                           "cannot at all); distill from one of its torch members instead")
+    if teacher.spec.get("format") == "onnx":  # kdens import-model --onnx: ONNX Runtime gives no gradients
+        raise ConfigError("--transfer impressions optimises inputs through the teacher's gradients, but the teacher "
+                          "is an imported ONNX file that ONNX Runtime runs without them; import its PyTorch model "
+                          "instead (kdens import-model --model pkg.module:factory --weights FILE)")
     head = getattr(teacher.model, "head", None)
     if not isinstance(head, nn.Linear):
         raise ConfigError(f"--transfer impressions reads the class similarity from the teacher's final nn.Linear, "
-                          f"named 'head'; the model of {spec_text} ({teacher.spec.get('name')}) has none")
+                          f"named 'head'; the teacher's model ({teacher.spec.get('name')}) has none")
     return head
 
 

@@ -185,8 +185,10 @@ def _metrics(est, twin, teacher, data: Dataset, cfg: DistillConfig, p_test: np.n
                                   **trees.size(twin, c), "train_examples": int(len(twin_x)),
                                   "train_seconds": round(twin_seconds, 3)}
     metrics["baseline_test_errors"] = b
-    # undefined when the teacher is no better than the twin: nothing to recover
-    metrics["gap_recovered"] = (b - s) / (b - t) if b > t else None
+    # undefined unless the teacher beats the twin by more than the split's noise (kdens.metrics.gap_recovered)
+    metrics["gap_recovered"], why = M.gap_recovered(b, t, s)
+    if why:
+        metrics["gap_recovered_note"] = why
     metrics["soft_targets"] = {k: cache_info[k] for k in ("online", "reused", "build_seconds")}
     return metrics
 

@@ -130,6 +130,8 @@ def test_stages_that_need_the_network_refuse_an_onnx_teacher_in_one_line(onnx_ru
         (["deploy", "--model", onnx_run, "--target", "onnx"], "exports a PyTorch network"),
         (["distill", "--teacher", onnx_run, "--model", "mlp", "--method", "fitnets"], "no modules to hook"),
         (["distill", "--teacher", onnx_run], "--model is required"),
+        (["distill", "--teacher", onnx_run, "--model", "mlp", "--transfer", "impressions=64,iters=5"],
+         "runs without them"),
     ]
     for args, why in cases:
         r = _run(*args, "--out", tmp_path / "x")
