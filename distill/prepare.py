@@ -84,6 +84,16 @@ def check_compatible(teacher: Teacher, data: Dataset, what: str = "the teacher")
 
 
 
+def soft_cache_key(teacher: Teacher, temperature: float, data: Dataset, spec: TransferSpec, transfer_info: dict,
+                   hashes: list) -> tuple[str, float | None]:
+    """The soft-target cache key for ``teacher`` at ``temperature``, and the T it depends on (None if not)."""
+    soft_t = float(temperature) if soft_scores_depend_on_temperature(teacher) else None
+    extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
+    if soft_t is not None:
+        extra["soft_temperature"] = soft_t
+    return cache_key(hashes, data.fingerprint, str(spec), extra), soft_t
+
+
 def soft_targets(teacher: Teacher, temperature: float, data: Dataset, spec: TransferSpec, x_tr: np.ndarray,
                  transfer_info: dict, hashes: list, cache_dir: Path, device, batch_size: int,
                  progress: bool) -> tuple[torch.Tensor, dict]:
@@ -95,11 +105,7 @@ def soft_targets(teacher: Teacher, temperature: float, data: Dataset, spec: Tran
     (distill/trees.py) read the same cache.
     """
     soft_fn = soft_scores_fn(teacher, temperature)
-    soft_t = float(temperature) if soft_scores_depend_on_temperature(teacher) else None
-    extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
-    if soft_t is not None:
-        extra["soft_temperature"] = soft_t
-    key = cache_key(hashes, data.fingerprint, str(spec), extra)
+    key, soft_t = soft_cache_key(teacher, temperature, data, spec, transfer_info, hashes)
     meta = {"teacher_manifest_hashes": hashes, "teacher": teacher.describe(),
             "data_fingerprint": data.fingerprint, "transfer": str(spec), "soft_temperature": soft_t}
     targets, info = cached_targets(cache_dir, key, x_tr, soft_fn, device, batch_size, progress, meta)

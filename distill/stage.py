@@ -37,13 +37,14 @@ from distill.prepare import (
     check_compatible,
     default_cache_dir,
     resolve_data,
+    soft_cache_key,
     soft_targets,
     transfer_set,
 )
 from distill.resolve import check_teacher, resolve_model, unlabeled
 from distill.scores import ScoresTeacher, refuse_online
-from distill.teachers import (Teacher, cache_options, load_teacher, soft_scores_depend_on_temperature,
-                              soft_scores_fn, split_teacher_spec, teacher_log_probs)
+from distill.teachers import (Teacher, load_teacher, soft_scores_depend_on_temperature, soft_scores_fn,
+                              split_teacher_spec, teacher_log_probs)
 from distill.transfer import TransferSpec, fit_bias_shift
 from distill.trees import is_tree
 from kdens import metrics as M
@@ -249,12 +250,10 @@ def _logit_loss_fn(method, teacher: Teacher | None, cfg: DistillConfig, data: Da
         return free, {"online": False, "reused": False, "build_seconds": 0.0, "key": None, "teacher": False}
     temperature = method.temperature if method.temperature is not None else 1.0
     if isinstance(teacher, ScoresTeacher):  # the scores are the cache: take the transfer set's rows
-        extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
-        if soft_scores_depend_on_temperature(teacher):
-            extra["soft_temperature"] = float(temperature)
+        key, _ = soft_cache_key(teacher, temperature, data, spec, transfer_info, hashes)
         return cached_loss_fn(method.loss, teacher.targets(spec, data, cfg.split_seed, device)), {
             "online": False, "reused": False, "precomputed": True, "build_seconds": 0.0, "soft_temperature": None,
-            "key": cache_key(hashes, data.fingerprint, str(spec), extra), "path": str(teacher.path)}
+            "key": key, "path": str(teacher.path)}
     if cfg.train.jitter > 0 or cfg.train.augment:
         # jittered / augmented inputs change every step: a cache of the clean images would be the wrong
         # targets; online, the teacher scores exactly the views the student sees
