@@ -186,6 +186,12 @@ def test_omit_with_fix_bias_reports_the_shift(runs, tmp_path):
     student, _ = load_model(out)
     val_acc = float((predict_logits(student, data.x_val).argmax(1).numpy() == data.y_val).mean())
     assert val_acc == pytest.approx(fit["accuracy_after"])
+    # the errors on the omitted class the paper counts (133 of its 1010 threes), after and before the fix
+    threes = data.y_test == 3
+    assert m["omitted_test_examples"] == int(threes.sum())
+    wrong = int((predict_logits(student, data.x_test[threes]).argmax(1).numpy() != 3).sum())
+    assert m["omitted_test_errors"] == wrong
+    assert 0 <= m["omitted_test_errors_before_bias_fix"] <= m["omitted_test_examples"]
 
 
 def test_unlabeled_transfer_forces_alpha_zero(runs, tmp_path, digits):
