@@ -1,4 +1,4 @@
-"""Every distillation method on digits, same teacher, same student, same epochs, 3 seeds.
+"""Every distillation method on one dataset, same teacher, same student, same epochs, 3 seeds.
 
 Trains (or reuses) one teacher and, per seed, a hard-label baseline of the student's
 architecture; then distills the student with every ``--method`` at its paper defaults,
@@ -13,6 +13,16 @@ pretrained student). Early stopping is off (--patience 1000): every run trains a
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_methods.py --runs runs/digits-methods \\
         --seeds 0,1,2 --epochs 20 --out bench/results/methods-digits
+
+Other data, teachers and students (issue 14's Fashion-MNIST and MNIST tables): ``--data``
+takes any ``--data`` of kdens, ``--teacher RUN`` reuses a trained teacher run folder (else
+``--teacher-model`` / ``--teacher-arg`` are trained for ``--teacher-epochs``), ``--student-model``
+and ``--student-arg`` set the student, ``--methods`` picks a subset, ``--flags`` adds kdens flags
+to every baseline and student (e.g. ``"--val-fraction 0 --weight-decay 0"``):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_methods.py --data fashion-mnist \\
+        --teacher-model cnn --teacher-epochs 30 --student-model cnn --student-arg width=8 \\
+        --runs runs/fm-methods --epochs 30 --out bench/results/methods-fm-cnn
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -63,25 +74,53 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=Path, default=Path("runs/digits-methods"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--teacher-model", default="cnn", help="teacher architecture (built-in small cnn)")
-    ap.add_argument("--student", default="hidden=64", help="student mlp --model-arg")
+    ap.add_argument("--data", default="digits", help="any kdens --data (digits, fashion-mnist, mnist, a file)")
+    ap.add_argument("--teacher", type=Path, help="a trained teacher run folder to reuse (else one is trained)")
+    ap.add_argument("--teacher-model", default="cnn", help="teacher architecture to train (built-in small cnn)")
+    ap.add_argument("--teacher-arg", action="append", default=[], help="teacher --model-arg (repeatable)")
+    ap.add_argument("--teacher-epochs", type=int, help="teacher epochs [--epochs]")
+    ap.add_argument("--student-model", default="mlp", help="student architecture [mlp]")
+    ap.add_argument("--student-arg", action="append", help="student --model-arg (repeatable) [hidden=64 for mlp]")
+    ap.add_argument("--student", help="old spelling of one --student-arg")
+    ap.add_argument("--methods", help="comma-separated subset of the methods and variants [all]")
+    ap.add_argument("--flags", default="", help="extra kdens flags for every baseline and student, one string")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     args.runs.mkdir(parents=True, exist_ok=True)
     log = args.runs / "bench.log"
     t0 = time.time()
-    common = ["--epochs", str(args.epochs), "--patience", "1000", "--quiet"]
-    student = ["--model", "mlp", "--model-arg", args.student]
-    teacher = args.runs / "teacher"
-    status = {"teacher": sh(["train-generalist", "--data", "digits", "--model", args.teacher_model, *common,
-                             "--seed", "0", "--out", str(teacher)], log)}
+    extra = shlex.split(args.flags)
+    common = ["--data", args.data, "--epochs", str(args.epochs), "--patience", "1000", "--quiet", *extra]
+    s_args = args.student_arg or ([args.student] if args.student else
+                                  (["hidden=64"] if args.student_model == "mlp" else []))
+    student = ["--model", args.student_model, *(x for a in s_args for x in ("--model-arg", a))]
+    student_desc = " ".join([args.student_model, *s_args])
+    wanted = args.methods.split(",") if args.methods else None
+    known = METHODS + list(VARIANTS)
+    if wanted and not set(wanted) <= set(known):
+        raise SystemExit(f"--methods: unknown {sorted(set(wanted) - set(known))}; known: {', '.join(known)}")
+    if args.teacher:
+        teacher = args.teacher
+        status = {"teacher": "reused" if (teacher / "manifest.json").exists() else f"{teacher} is not a finished run"}
+        teacher_desc = str(teacher)
+    else:
+        teacher = args.runs / "teacher"
+        t_args = [x for a in args.teacher_arg for x in ("--model-arg", a)]
+        t_epochs = args.teacher_epochs or args.epochs
+        status = {"teacher": sh(["train-generalist", "--data", args.data, "--model", args.teacher_model, *t_args,
+                                 "--epochs", str(t_epochs), "--patience", "1000", "--quiet", "--seed", "0",
+                                 "--out", str(teacher)], log)}
+        teacher_desc = f"{' '.join([args.teacher_model, *args.teacher_arg])} (seed 0, {t_epochs} epochs)"
+    if status["teacher"] not in ("ok", "reused"):
+        raise SystemExit(f"teacher: {status['teacher']}")
     rows: dict[str, list[dict]] = {}
     for seed in seeds:
         base = args.runs / f"baseline-s{seed}"
         status[base.name] = sh(["train-generalist", "--data", "digits", *student, *common, "--seed", str(seed),
                                 "--out", str(base)], log)
         jobs = [(m, ["--method", m]) for m in METHODS] + list(VARIANTS.items())
+        jobs = [j for j in jobs if wanted is None or j[0] in wanted]
         for name, flags in jobs:
             out = args.runs / f"{name.split()[0]}{'-w1' if 'warmup' in name else ''}-s{seed}"
             t = str(base) if name == "tfkd-self" else str(teacher)
@@ -101,7 +140,8 @@ def main(argv=None) -> int:
                 row["ensemble_test_errors"] = m["ensemble"]["test_errors"]
             rows.setdefault(name, []).append(row)
     tm = _m(teacher)
-    kd_epoch = statistics.median(r["epoch_seconds"] for r in rows["kd"] if r.get("epoch_seconds"))
+    kd_secs = [r["epoch_seconds"] for r in rows.get("kd", []) if r.get("epoch_seconds")]
+    kd_epoch = statistics.median(kd_secs) if kd_secs else None
     table = []
     for name, rs in rows.items():
         e_mean, e_sd = _stats([r["test_errors"] for r in rs])
@@ -110,7 +150,7 @@ def main(argv=None) -> int:
         table.append({"method": name, "test_errors": [r["test_errors"] for r in rs], "errors_mean": e_mean,
                       "errors_sd": e_sd, "gap_mean": g_mean, "gap_sd": g_sd,
                       "epoch_seconds_median": statistics.median(secs) if secs else None,
-                      "epoch_time_vs_kd": statistics.median(secs) / kd_epoch if secs else None,
+                      "epoch_time_vs_kd": statistics.median(secs) / kd_epoch if secs and kd_epoch else None,
                       "epochs_run": rs[0].get("epochs_run"),
                       "ensemble_test_errors": [r.get("ensemble_test_errors") for r in rs if "ensemble_test_errors" in r],
                       "status": sorted({r["status"] for r in rs})})
@@ -118,17 +158,18 @@ def main(argv=None) -> int:
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_end": list(os.getloadavg()),
            "wall_seconds": round(time.time() - t0, 1), "seeds": seeds, "epochs": args.epochs,
-           "teacher": f"{args.teacher_model} (seed 0)", "student": f"mlp {args.student}",
-           "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_methods.py --runs " + str(args.runs)
-                      + f" --seeds {args.seeds} --epochs {args.epochs} --out {args.out}"}
+           "data": args.data, "teacher": teacher_desc, "student": student_desc,
+           "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_methods.py " + shlex.join(argv or sys.argv[1:])}
     doc = {"env": env, "teacher_test_errors": tm.get("test_errors"), "baseline_errors_mean": b_mean,
            "baseline_errors_sd": b_sd, "table": table, "runs": rows, "status": status}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1) + "\n")
     fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
-    lines = [f"# Distillation methods on digits ({len(seeds)} seeds, {args.epochs} epochs)", "",
+    n_test = (round(tm["test_errors"] / (1 - tm["test_accuracy"])) if tm.get("test_accuracy", 1) < 1
+              else "all")
+    lines = [f"# Distillation methods on {args.data} ({len(seeds)} seeds, {args.epochs} epochs)", "",
              f"Command: `{env['command']}`", "",
-             f"Teacher {env['teacher']}: {tm.get('test_errors')} test errors of 359. Student mlp {args.student}; "
+             f"Teacher {env['teacher']}: {tm.get('test_errors')} test errors of {n_test}. Student {student_desc}; "
              f"hard-label baseline {fmt(b_mean)} +- {fmt(b_sd)} errors. Wall {env['wall_seconds']:.0f} s on "
              f"{env['cpus']} CPUs shared with other work, one thread per job.", "",
              "| method | test errors (per seed) | mean +- sd | gap recovered (mean +- sd) | epochs run | "
