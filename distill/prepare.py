@@ -35,6 +35,16 @@ def default_cache_dir(run_dir: Path) -> Path:
     return Path(run_dir).parent / "soft_targets"
 
 
+def _scale(data: Dataset) -> np.ndarray | None:
+    """The training split's per-feature (or per-channel, as (C, 1, 1)) std, for MUNGE's neighbour
+    search, when the data has one (``kdens.data.normalization``: features, images not in [0, 1])."""
+    norm = data.normalization
+    if not norm:
+        return None
+    std = np.asarray(norm["std"], np.float32)
+    return std if norm.get("per") == "feature" else std.reshape(-1, 1, 1)
+
+
 def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """The transfer set's inputs, labels (None if unlabeled) and a description for the manifest."""
     if spec.kind == "val":
@@ -48,7 +58,7 @@ def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarr
         keep = omit_classes(data.y_train, spec.classes, num_classes=data.num_classes)
         x, y = data.x_train[keep], data.y_train[keep]
     elif spec.kind == "munge":
-        x, y = munge(data.x_train, spec.count, spec.p, spec.s, seed), None
+        x, y = munge(data.x_train, spec.count, spec.p, spec.s, seed, std=_scale(data)), None
     elif spec.kind == "unlabeled":
         x, y = load_unlabeled(Path(spec.path)), None
         if tuple(x.shape[1:]) != tuple(data.input_shape):
@@ -59,6 +69,8 @@ def transfer_set(spec: TransferSpec, data: Dataset, seed: int) -> tuple[np.ndarr
     else:
         x, y = data.x_train, data.y_train
     info = {"spec": str(spec), "examples": int(len(x)), "labeled": y is not None}
+    if spec.kind == "munge":  # how neighbours were chosen (also in the cache key: it changes the pseudo-data)
+        info["neighbours"] = "standardized" if _scale(data) is not None else "raw"
     if spec.kind == "unlabeled":
         info["sha256"] = sha256_file(Path(spec.path))
     return x, y, info
@@ -89,6 +101,8 @@ def soft_cache_key(teacher: Teacher, temperature: float, data: Dataset, spec: Tr
     """The soft-target cache key for ``teacher`` at ``temperature``, and the T it depends on (None if not)."""
     soft_t = float(temperature) if soft_scores_depend_on_temperature(teacher) else None
     extra = {"teacher": cache_options(teacher), "unlabeled_sha256": transfer_info.get("sha256")}
+    if "neighbours" in transfer_info:
+        extra["munge_neighbours"] = transfer_info["neighbours"]
     if soft_t is not None:
         extra["soft_temperature"] = soft_t
     return cache_key(hashes, data.fingerprint, str(spec), extra), soft_t

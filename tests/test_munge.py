@@ -22,6 +22,23 @@ def test_neighbours_are_the_nearest_other_row():
     assert (nearest_neighbours(x, batch=7) == d.argmin(1)).all()
 
 
+def test_neighbours_of_features_in_natural_units_are_found_on_standardized_values():
+    # column 0 is noise in pascals (sd 1e5), column 1 the signal in metres (sd 1): raw distances see
+    # only the pascals; divided by each column's std both count, as for kdens' feature models
+    rng = np.random.default_rng(2)
+    x = np.stack([rng.normal(0, 1e5, 200), rng.normal(0, 1, 200)], 1).astype(np.float32)
+    std = x.std(0)
+    z = x / std
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    want = d.argmin(1)
+    assert (nearest_neighbours(x, std=std) == want).all()
+    assert (nearest_neighbours(x) != want).mean() > 0.3  # the raw metric picks other neighbours
+    # p = 1 and a tiny spread: every pseudo-example sits on its standardized neighbour, in raw units
+    out = munge(x, len(x), p=1.0, s=1e9, seed=0, std=std)
+    assert np.allclose(out, x[want], rtol=1e-5, atol=1e-3)
+
+
 def test_swap_probability_and_spread_follow_the_law():
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(2000, 4)) * [1.0, 10.0, 0.1, 3.0]).astype(np.float32)
@@ -59,7 +76,8 @@ def test_a_student_learns_from_munge_pseudo_data_alone(tmp_path):
                                  "--quiet", "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["transfer"] == {"spec": "munge=3000,p=0.5,s=1.0", "examples": 3000, "labeled": False}
+    assert manifest["transfer"] == {"spec": "munge=3000,p=0.5,s=1.0", "examples": 3000, "labeled": False,
+                                    "neighbours": "raw"}  # digits lie in [0, 1]: no per-pixel scale
     m = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert m["test_accuracy"] > 0.8 and m["teacher_agreement"] > 0.8  # never saw a training image as such
     r = CliRunner().invoke(cli, ["distill", "--teacher", str(tmp_path / "t"), "--model", "mlp",
