@@ -11,6 +11,7 @@ from distill.feature_cache import parse_budget
 from distill.methods import LOSS_ALIASES, method_class
 from distill.methods.hints import parse_hints
 from distill.transfer import TransferSpec, parse_transfer
+from kdens.config import mixup_alpha
 from kdens.errors import ConfigError
 from kdens.train import TrainConfig
 
@@ -93,6 +94,10 @@ class DistillConfig:
             if method_class(self.method).teacher == "none":
                 raise ConfigError(f"--generations trains each generation from the one before; --method "
                                   f"{self.method} uses no teacher, so there is nothing to chain")
+        if mixup_alpha(self.train.augment) is not None and method_class(self.method).features:
+            raise ConfigError(f"--augment mixup does not apply to --method {self.method}: a feature method reads "
+                              "the hidden layers of one forward pass per batch, and mixup's loss weighs two labels "
+                              "on it; use mixup with a logit method (kd, soft, logits, dkd, dist, lskd, ...)")
         spec = parse_transfer(self.transfer)  # raises ConfigError listing the valid forms
         if self.fix_bias and spec.kind != "omit":
             raise ConfigError(f"--fix-bias needs --transfer omit=C1,... (got --transfer {self.transfer}): "

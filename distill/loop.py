@@ -45,11 +45,15 @@ def online_loss_fn(loss: DistillLoss, teacher: Callable[[Tensor], Tensor]) -> Ca
     ``distill.teachers.soft_scores_fn(teacher, T)``, the same function the cache is built with.
     """
 
+    last: list = [None, None]  # (batch, its scores): a mixup step asks twice about one batch (two labels)
+
     def loss_fn(logits: Tensor, xb: Tensor, yb: Tensor | None, idx: Tensor) -> Tensor:
-        with torch.inference_mode():
-            scores = teacher(xb)  # (B, C)
-        # an inference-mode tensor cannot take part in autograd; a plain copy can
-        return loss(logits, scores.to(logits.device).clone(), yb)
+        if last[0] is not xb:
+            with torch.inference_mode():
+                scores = teacher(xb)  # (B, C)
+            # an inference-mode tensor cannot take part in autograd; a plain copy can
+            last[0], last[1] = xb, scores.to(logits.device).clone()
+        return loss(logits, last[1], yb)
 
     return loss_fn
 

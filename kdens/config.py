@@ -10,6 +10,7 @@ or the stage (``[generalist]``), so one pipeline file can serve every command.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -73,8 +74,11 @@ class TrainConfig:
     jitter: int = 0
     """Random translation of up to this many pixels per example (the paper's +-2 px)."""
     augment: list[str] = field(default_factory=list)
-    """Image augmentations (``--augment crop,flip``): ``crop`` pads by reflection and crops back
-    (``kdens.train.crop_padding``), ``flip`` mirrors left-right with probability 1/2."""
+    """Augmentations (``--augment crop,flip,mixup``): ``crop`` pads by reflection and crops back
+    (``kdens.train.crop_padding``), ``flip`` mirrors left-right with probability 1/2 (images
+    only); ``mixup`` or ``mixup=A`` blends each batch with a shuffled copy of itself by
+    lambda ~ Beta(A, A) (A = 1: uniform) and weights the hard-label loss of the two labels by
+    lambda and 1 - lambda (Zhang et al. 2018), images or features. Stored as ``mixup=A``."""
     patience: int | None = None
     """Stop after this many epochs without a lower validation loss. Off by default: the whole
     schedule runs and the best validation epoch's weights are kept, because stopping fights a
@@ -143,21 +147,51 @@ class TrainConfig:
         return without_unset_cap(asdict(self))
 
 
-AUGMENTATIONS = ("crop", "flip")
+AUGMENTATIONS = ("crop", "flip", "mixup")
+PIXEL_AUGMENTATIONS = ("crop", "flip")
+"""The augmentations that move pixels (refused for feature vectors); mixup blends whole inputs."""
 
 
 def parse_augment(value) -> list[str]:
-    """``"crop,flip"`` (a flag) or ``["crop", "flip"]`` (a config file) -> the names, in the fixed
-    order they are applied (crop, then flip), each once."""
+    """``"crop,flip,mixup=0.2"`` (a flag) or ``["crop", "flip"]`` (a config file) -> the names, in
+    the fixed order they are applied (crop, flip, then mixup), each once; mixup as ``mixup=A``."""
     if value is None:
         return []
     names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
     names = [n for n in names if n and n != "none"]
-    bad = [n for n in names if n not in AUGMENTATIONS]
+    bad = [n for n in names if n.split("=", 1)[0] not in AUGMENTATIONS or ("=" in n and not n.startswith("mixup="))]
     if bad:
-        raise ConfigError(f"--augment {','.join(bad)} unknown; valid: {', '.join(AUGMENTATIONS)} "
-                          "(comma-separated, e.g. --augment crop,flip)")
-    return [a for a in AUGMENTATIONS if a in names]
+        raise ConfigError(f"--augment {','.join(bad)} unknown; valid: crop, flip, mixup or mixup=A "
+                          "(comma-separated, e.g. --augment crop,flip or --augment mixup=0.2)")
+    out = [a for a in PIXEL_AUGMENTATIONS if a in names]
+    mix = [n for n in names if n.split("=", 1)[0] == "mixup"]
+    if mix:
+        out.append(f"mixup={_mixup_alpha(mix[-1]):g}")
+    return out
+
+
+def _mixup_alpha(name: str) -> float:
+    if "=" not in name:
+        return 1.0
+    raw = name.split("=", 1)[1]
+    try:
+        a = float(raw)
+    except ValueError:
+        a = float("nan")
+    if not (math.isfinite(a) and a > 0):
+        raise ConfigError(f"--augment {name}: A of mixup=A is the Beta(A, A) shape, a number > 0 "
+                          f"(1: lambda uniform on [0, 1]; 0.2: mostly light blends), got {raw!r}")
+    return a
+
+
+def mixup_alpha(augment: list[str]) -> float | None:
+    """The Beta shape A of ``mixup=A`` in a parsed ``augment`` list, or None without mixup."""
+    return next((float(n.split("=", 1)[1]) for n in augment if n.startswith("mixup=")), None)
+
+
+def pixel_augments(augment: list[str]) -> list[str]:
+    """The names in ``augment`` that move pixels (crop, flip)."""
+    return [n for n in augment if n in PIXEL_AUGMENTATIONS]
 
 
 def without_unset_cap(train: dict) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kdens.artifacts import MANIFEST, atomic_write_json, to_json
+from kdens.config import pixel_augments
 from kdens.data import Dataset, load_dataset
 from kdens.errors import ArtifactError, ConfigError
 from kdens.evaluate import evaluate_model
@@ -85,9 +86,10 @@ def check_augmentation(data: Dataset, train: TrainConfig) -> None:
     if train.jitter and data.layout == "features":
         raise ConfigError(f"--jitter {train.jitter} shifts images by pixels, but {data.name} holds feature vectors "
                           "(layout features); drop --jitter")
-    if train.augment and data.layout == "features":
-        raise ConfigError(f"--augment {','.join(train.augment)} crops and flips images, but {data.name} holds "
-                          "feature vectors (layout features); drop --augment")
+    moving = pixel_augments(train.augment)
+    if moving and data.layout == "features":
+        raise ConfigError(f"--augment {','.join(moving)} crops and flips images, but {data.name} holds "
+                          "feature vectors (layout features); drop it (mixup works on features)")
 
 
 def train_model(run_dir: Path, data: Dataset, model_name: str, model_args: dict, train: TrainConfig,

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdens import health
-from kdens.config import EPOCHS_CAP_ENV, TrainConfig, without_unset_cap  # noqa: F401 (TrainConfig's old home)
+from kdens.config import (  # noqa: F401 (TrainConfig's old home)
+    EPOCHS_CAP_ENV,
+    TrainConfig,
+    mixup_alpha,
+    pixel_augments,
+    without_unset_cap,
+)
 from kdens.errors import ConfigError, TrainingError, TrainingFailed
 from kdens.mapped import MappedRows
 from kdens.progress import Progress
@@ -104,6 +110,7 @@ def augment_batch(x: torch.Tensor, names: list[str], gen: torch.Generator) -> to
     Reflection rather than zeros (which ``--jitter`` uses): the pixels shifted in look like the
     image's own border, not a black frame the test images never have.
     """
+    names = pixel_augments(names)  # mixup is applied by fit, after these
     if not names:
         return x
     b, c, h, w = x.shape
@@ -121,6 +128,24 @@ def augment_batch(x: torch.Tensor, names: list[str], gen: torch.Generator) -> to
         mirror = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(x.device)  # (B,)
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     return x
+
+
+def mixup_draw(n: int, alpha: float, gen: torch.Generator) -> tuple[float, torch.Tensor]:
+    """``--augment mixup=A``: lambda ~ Beta(A, A) and a permutation of the batch, from ``gen``
+    (so a resumed run draws the same). One lambda per batch, as in Zhang et al. (2018)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device).item())
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    return lam, torch.randperm(n, generator=gen, device=gen.device)
+
+
+def mixup_loss(loss_fn: "LossFn", logits: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor | None,
+               idx: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+    """The loss of a mixed batch ``xb = lam * x + (1 - lam) * x[perm]``: ``lam * L(y) + (1 - lam) *
+    L(y[perm])``. Terms that do not use the labels (a teacher's soft targets on ``xb``) are equal in
+    both and so count once; without labels the loss is one call."""
+    if yb is None:
+        return loss_fn(logits, xb, None, idx)
+    return lam * loss_fn(logits, xb, yb, idx) + (1.0 - lam) * loss_fn(logits, xb, yb[perm], idx[perm])
 
 
 def apply_max_norm(model: nn.Module, max_norm: float) -> None:
@@ -269,6 +294,7 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
     gen.manual_seed(cfg.seed)
     opt = _make_optimizer(model, cfg)
     steps_per_epoch = sum(1 for _ in sampler(0, torch.Generator(device=device).manual_seed(cfg.seed)))
+    mix = mixup_alpha(cfg.augment)
 
     result = TrainResult()
     best_state = _state_copy(model)
@@ -324,9 +350,18 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
                 xb = torch.from_numpy(xt.take(idx.cpu().numpy())).to(device) if mapped else xt[idx]
                 xb = jitter_batch(augment_batch(xb, cfg.augment, gen), cfg.jitter, gen)
                 yb = yt[idx] if yt is not None else None
+                if mix is not None:
+                    lam, perm = mixup_draw(len(idx), mix, gen)
+                    perm = perm.to(xb.device)
+                    xb = lam * xb + (1.0 - lam) * xb[perm]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = net(xb)
-                loss = loss_fn(logits.float(), xb, yb, idx)
+                if mix is None:
+                    loss = loss_fn(logits.float(), xb, yb, idx)
+                else:
+                    loss = mixup_loss(loss_fn, logits.float(), xb, yb, idx, lam, perm)
+                    if yb is not None and lam < 0.5:
+                        yb = yb[perm]  # train accuracy counts the label that dominates the blend
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:

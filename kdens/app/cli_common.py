@@ -30,8 +30,10 @@ def train_options(f):
                      help="Clip the gradient's global L2 norm to this [off]; use it for distillation at high T."),
         click.option("--jitter", type=click.IntRange(min=0), help="Random translation, pixels [0]."),
         click.option("--augment", type=str,
-                     help="Image augmentations, comma-separated: crop (reflect-pad by min(H,W)/8 px, random "
-                          "crop back), flip (left-right, p=1/2); e.g. --augment crop,flip [none]."),
+                     help="Augmentations, comma-separated: crop (reflect-pad by min(H,W)/8 px, random "
+                          "crop back), flip (left-right, p=1/2), mixup[=A] (blend each batch with a shuffled "
+                          "copy, lambda ~ Beta(A,A), A=1; labels weighted alike; features too); "
+                          "e.g. --augment crop,flip [none]."),
         click.option("--patience", type=click.IntRange(min=1), help="Stop after N epochs without a lower validation loss [off: every epoch runs, the best is kept]."),
         click.option("--device", type=str, help="auto, cpu or cuda [auto]."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [on]."),
