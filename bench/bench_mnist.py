@@ -7,6 +7,8 @@ reused, so an interrupted benchmark resumes where it stopped. Parts (``--parts``
   the 800-800 on hard labels (30 epochs) and the 800-800 distilled at T = 20, alpha 0.1;
 * ``consistent``: the 800-800 distilled with the teacher online on the student's own jittered
   views for 60 epochs ("consistent and patient" teaching, Beyer et al. 2022);
+* ``mixup``: the consistent student with mixup blends of its views (``--augment mixup``, lambda
+  uniform), the teacher scoring each blend ("function matching", Beyer et al. 2022);
 * ``control``: the same student on hard labels with the same jitter and epochs (how much of the
   consistent student's gain is the jitter alone);
 * ``three``: 3% of the training set (class-stratified, the same images for both): hard labels
@@ -46,7 +48,7 @@ TEACHER = ["--model", "mlp", "--model-arg", "hidden=1200,1200", "--model-arg", "
 MLP800 = ["--model", "mlp", "--model-arg", "hidden=800,800"]
 KD20 = ["--temperature", "20", "--alpha", "0.1"]
 TEMPERATURES = ("2.5", "4", "8", "20")
-PARTS = ("table", "consistent", "control", "three", "temperature", "omit")
+PARTS = ("table", "consistent", "mixup", "control", "three", "temperature", "omit")
 
 
 def plan(runs: Path, part: str, s: int) -> list[tuple[str, list[str]]]:
@@ -61,6 +63,9 @@ def plan(runs: Path, part: str, s: int) -> list[tuple[str, list[str]]]:
     if part == "consistent":
         return [*table, (f"kd-cons-s{s}", ["distill", "--teacher", t, *COMMON, *MLP800, *KD20, "--jitter", "2",
                                            "--epochs", "60", *seed, "--baseline", hard])]
+    if part == "mixup":  # function matching: the teacher scores mixup blends of the jittered views
+        return [*table, (f"kd-mix-s{s}", ["distill", "--teacher", t, *COMMON, *MLP800, *KD20, "--jitter", "2",
+                                          "--augment", "mixup", "--epochs", "60", *seed, "--baseline", hard])]
     if part == "control":
         return [(f"hard-jit-s{s}", ["train-generalist", *COMMON, *MLP800, "--jitter", "2", "--epochs", "60", *seed])]
     if part == "three":
@@ -195,13 +200,14 @@ def summary(runs: Path, seeds: list[int]) -> tuple[list[str], dict]:
         return [(metrics(runs, f"{name}-s{s}") or {}).get(key) for s in seeds]
 
     teacher, hard, kd, cons, hjit = (col(n) for n in ("teacher", "hard", "kd-T20", "kd-cons", "hard-jit"))
+    mixd = col("kd-mix")
     h3, kd3, kd3c = col("hard3"), col("kd3"), col("kd3-cons")
 
     def shares(base, top, stud):
         return [None if None in (b, t, x) else share(b, t, x) for b, t, x in zip(base, top, stud)]
 
     data = {"seeds": seeds, "teacher": teacher, "hard": hard, "kd_T20": kd, "kd_consistent": cons,
-            "hard_jitter": hjit, "hard_3pct": h3, "kd_3pct": kd3, "kd_3pct_consistent": kd3c,
+            "hard_jitter": hjit, "kd_mixup": mixd, "share_kd_mixup": shares(hard, teacher, mixd), "hard_3pct": h3, "kd_3pct": kd3, "kd_3pct_consistent": kd3c,
             "share_kd_T20": shares(hard, teacher, kd), "share_kd_consistent": shares(hard, teacher, cons),
             "share_3pct": shares(h3, hard, kd3), "share_3pct_consistent": shares(h3, hard, kd3c)}
     lines = [f"Seeds {', '.join(map(str, seeds))}; test errors of 10,000.", "",
@@ -212,6 +218,8 @@ def summary(runs: Path, seeds: list[int]) -> tuple[list[str], dict]:
              f"| share of the teacher-baseline gap recovered | {_fmt_share(data['share_kd_T20'])} | 91% |",
              f"| 800-800 distilled, teacher online on the student's jittered views, 60 epochs | {_fmt_errs(cons)} | - |",
              f"| its share of the gap | {_fmt_share(data['share_kd_consistent'])} | - |",
+             f"| the same with mixup blends, the teacher scoring each blend | {_fmt_errs(mixd)} | - |",
+             f"| its share of the gap | {_fmt_share(data['share_kd_mixup'])} | - |",
              f"| control: 800-800 on hard labels, jitter +-2 px, 60 epochs | {_fmt_errs(hjit)} | - |",
              "", "| 3% of the training set (1,800 images) | test errors per seed | share of the gap to all-data hard |",
              "|---|---|---|",
