@@ -282,7 +282,8 @@ def main(argv=None) -> int:
             for part in a.parts.split(","):
                 for name, args in plan(a.runs, part.strip(), s):
                     run(a.runs, name, args, log)
-    all_seeds = sorted({int(p.name.rsplit("-s", 1)[1]) for p in a.runs.glob("teacher-s*")} | set(seeds))
+    found = {p.name.rsplit("-s", 1)[1] for p in a.runs.glob("teacher-s*") if p.is_dir()}
+    all_seeds = sorted({int(x) for x in found if x.isdigit()} | set(seeds))
     lines, data = summary(a.runs, all_seeds)
     data["commands"] = {part: [["kdens", *args, "--out", str(a.runs / name)] for name, args in plan(a.runs, part, 0)]
                         for part in PARTS}
