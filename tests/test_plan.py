@@ -56,6 +56,22 @@ def test_different_recipes_get_their_own_baselines(tmp_path):
     assert [s.name for s in plan.stages if s.kind == "baseline"] == ["baseline:a", "baseline:b"]
 
 
+def test_a_student_can_share_an_earlier_students_baseline(tmp_path):
+    # a new recipe (jitter, longer) judged against the paper's baseline rather than its own twin
+    doc = _doc()
+    doc["distill"] = [{"name": "paper", "model": "mlp", "epochs": 2},
+                      {"name": "new", "model": "mlp", "epochs": 4, "jitter": 1, "baseline": "paper"}]
+    plan = build_plan(doc, out=tmp_path)
+    assert [s.name for s in plan.stages if s.kind == "baseline"] == ["baseline:paper"]
+    new = plan.stage("new")
+    assert new.config.baseline == str(tmp_path / "baselines" / "paper") and "baseline:paper" in new.needs
+    assert new.config.train.jitter == 1 and new.config.train.epochs == 4
+    for bad in ("nobody", "new"):  # unknown, or not defined earlier
+        doc["distill"][1]["baseline"] = bad
+        with pytest.raises(ConfigError, match=f"baseline = '{bad}' must be true or false, or the name of an earlier"):
+            build_plan(doc, out=tmp_path)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key/table(s) bogus"),
     ({"generalist": {"model": "mlp", "epohcs": 3}}, "[generalist] unknown config key 'epohcs'"),
@@ -65,6 +81,7 @@ def test_different_recipes_get_their_own_baselines(tmp_path):
     ({"distill": [{"model": "mlp", "teacher": "nowhere"}]}, "neither a stage"),
     ({"distill": [{"model": "mlp", "temperature": -1}]}, "--temperature -1"),
     ({"distill": [{"model": "mlp", "baseline": "yes"}]}, "must be true or false"),
+    ({"distill": [{"model": "mlp", "baseline": 3}]}, "must be true or false, or the name"),
     ({"distill": [{"model": "mlp", "name": "../escape"}]}, "it names a folder"),
     ({"deploy": {"targets": ["gpu:int8"]}}, "unknown target 'gpu'"),
     ({"deploy": {"targets": ["onnx:int4"]}}, "onnx:int4"),

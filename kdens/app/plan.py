@@ -15,7 +15,8 @@ File shape (every table but ``[data]`` and one teacher is optional)::
     [ensemble]    the keys of `kdens train-ensemble`      (members, model, ...)
     [specialists] the keys of `kdens train-specialists`   (clusters, ...; uses [generalist])
     [[distill]]   the keys of `kdens distill` (method, method_args, hint, generations, ...),
-                  plus name, baseline = true|false, and
+                  plus name, baseline = true|false|"<an earlier [[distill]]'s name>"
+                  (share that student's hard-label baseline), and
                   teacher = "generalist" | "ensemble" | "specialists" | a run folder
                   (several joined by commas) or a file of precomputed scores (.npy / .npz);
                   temperature may be a list: one student each;
@@ -273,8 +274,17 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
             raise ConfigError(f"[distill] name = {base!r}: use letters, digits, '_', '.' or '-' (it names a folder)")
         teacher = str(table.pop("teacher", default_teacher))
         want_baseline = table.pop("baseline", True)
-        if not isinstance(want_baseline, bool):
-            raise ConfigError(f"[distill] {base}: baseline = {want_baseline!r} must be true or false")
+        if not isinstance(want_baseline, (bool, str)):
+            raise ConfigError(f"[distill] {base}: baseline = {want_baseline!r} must be true or false, or the "
+                              "name of an earlier [[distill]] whose hard-label baseline to share")
+        borrowed = None
+        if isinstance(want_baseline, str):  # another student's baseline: e.g. a new recipe judged by the paper's
+            borrowed = next((s for s in stages if s.kind == "baseline" and s.info.get("student") == want_baseline),
+                            None)
+            if borrowed is None:
+                owners = sorted({s.info["student"] for s in stages if s.kind == "baseline"})
+                raise ConfigError(f"[distill] {base}: baseline = {want_baseline!r} must be true or false, or the "
+                                  f"name of an earlier [[distill]] that has a baseline ({', '.join(owners) or 'none yet'})")
         temps = table.pop("temperature", None)  # None: the method's own default
         multi = isinstance(temps, list)
         temps = temps if multi else [temps]
@@ -291,7 +301,12 @@ def _students(doc: dict, data: dict, stages: list[Stage], teachers: list[str], w
             table["model"], table["model_args"] = gen.model, {**gen.model_args, **table.get("model_args", {})}
         baseline_name = baseline_dir = None
         probe = _build(STAGES["student"].config, f"distill {base}", {}, {**data, **table, "teacher": teacher_path})
-        if want_baseline and not probe.twin_in_run:  # a tree student fits its hard-label twin itself
+        if borrowed is not None:
+            if probe.twin_in_run:
+                raise ConfigError(f"[distill] {base}: a tree student fits its own hard-label twin; drop baseline = "
+                                  f"{want_baseline!r}")
+            baseline_name, baseline_dir = borrowed.name, borrowed.dir
+        elif want_baseline and not probe.twin_in_run:  # a tree student fits its hard-label twin itself
             hard = {k: v for k, v in table.items() if k not in _STUDENT_ONLY}
             if probe.transfer_spec.kind == "fraction":  # the twin sees the same examples, with hard labels
                 hard["train_fraction"] = probe.transfer_spec.fraction
