@@ -141,8 +141,9 @@ def refuse_online(teacher, cfg) -> None:
                           f"--teacher {teacher.path} holds precomputed scores; drop --jitter, or import the teacher "
                           "model (kdens import-model)")
     if cfg.train.augment:
-        raise ConfigError(f"--augment {','.join(cfg.train.augment)} asks the teacher about cropped and flipped views "
-                          f"on every step, but --teacher {teacher.path} holds precomputed scores; drop --augment, or "
+        raise ConfigError(f"--augment {','.join(cfg.train.augment)} asks the teacher about augmented views (crops, "
+                          f"flips, blends) on every step, but --teacher {teacher.path} holds precomputed scores; drop "
+                          "--augment, or "
                           "import the teacher model (kdens import-model)")
     if cfg.data is None:
         raise ConfigError(f"--teacher {teacher.path} holds scores, not a run folder that records its data: give "
