@@ -86,7 +86,10 @@ def plan(runs: Path, part: str, s: int) -> list[tuple[str, list[str]]]:
                 (f"kd3-s{s}", ["distill", "--teacher", t, *COMMON, *MLP800, *KD20, "--transfer", "fraction=0.03",
                                *three, "--baseline", h3]),
                 (f"kd3-cons-s{s}", ["distill", "--teacher", t, *COMMON, *MLP800, *KD20, "--transfer",
-                                    "fraction=0.03", "--jitter", "2", *three, "--baseline", h3])]
+                                    "fraction=0.03", "--jitter", "2", *three, "--baseline", h3]),
+                # its control: the same 3% on hard labels with the same jitter
+                (f"hard3-jit-s{s}", ["train-generalist", *COMMON, *MLP800, "--train-fraction", "0.03", "--jitter",
+                                     "2", *three])]
     if part == "temperature":
         out = table[:1]
         for units in (300, 30):
@@ -212,7 +215,7 @@ def summary(runs: Path, seeds: list[int]) -> tuple[list[str], dict]:
     teacher, hard, kd, cons, hjit = (col(n) for n in ("teacher", "hard", "kd-T20", "kd-cons", "hard-jit"))
     mixd = col("kd-mix")
     jtd = col("kd-cons-jt")
-    h3, kd3, kd3c = col("hard3"), col("kd3"), col("kd3-cons")
+    h3, kd3, kd3c, h3j = col("hard3"), col("kd3"), col("kd3-cons"), col("hard3-jit")
 
     def shares(base, top, stud):
         return [None if None in (b, t, x) else share(b, t, x) for b, t, x in zip(base, top, stud)]
@@ -221,7 +224,8 @@ def summary(runs: Path, seeds: list[int]) -> tuple[list[str], dict]:
             "hard_jitter": hjit, "kd_mixup": mixd, "share_kd_mixup": shares(hard, teacher, mixd),
             "kd_consistent_jitter_teacher": jtd, "share_kd_consistent_jitter_teacher": shares(hard, hjit, jtd), "hard_3pct": h3, "kd_3pct": kd3, "kd_3pct_consistent": kd3c,
             "share_kd_T20": shares(hard, teacher, kd), "share_kd_consistent": shares(hard, teacher, cons),
-            "share_3pct": shares(h3, hard, kd3), "share_3pct_consistent": shares(h3, hard, kd3c)}
+            "share_3pct": shares(h3, hard, kd3), "share_3pct_consistent": shares(h3, hard, kd3c),
+            "hard_3pct_jitter": h3j, "share_3pct_hard_jitter": shares(h3, hard, h3j)}
     lines = [f"Seeds {', '.join(map(str, seeds))}; test errors of 10,000.", "",
              "| model | kdens: test errors per seed | the paper |", "|---|---|---|",
              f"| teacher 1200-1200, dropout, jitter +-2 px, 60 epochs | {_fmt_errs(teacher)} | 67 |",
@@ -242,6 +246,7 @@ def summary(runs: Path, seeds: list[int]) -> tuple[list[str], dict]:
              f"| soft targets, T = 20 | {_fmt_errs(kd3)} | {_fmt_share(data['share_3pct'])} |",
              (f"| soft targets, teacher online on jittered views | {_fmt_errs(kd3c)} | "
              f"{_fmt_share(data['share_3pct_consistent'])} |"),
+             f"| control: hard labels with the same jitter | {_fmt_errs(h3j)} | {_fmt_share(data['share_3pct_hard_jitter'])} |",
              f"| all 60,000 images, hard labels (the reference) | {_fmt_errs(hard)} | 100% by definition |"]
     temp = {}
     for units in (300, 30):
