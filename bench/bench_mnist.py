@@ -39,12 +39,14 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kdens_child  # noqa: E402
 COMMON = ["--data", "mnist", "--val-fraction", "0", "--weight-decay", "0"]
 TEACHER = ["--model", "mlp", "--model-arg", "hidden=1200,1200", "--model-arg", "dropout=0.5", "--model-arg",
            "input_dropout=0.2", "--jitter", "2", "--epochs", "60"]
@@ -164,15 +166,11 @@ def run(runs: Path, name: str, args: list[str], log: Path) -> None:
 
 
 def _train(out: Path, args: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "kdens", *args, "--quiet", "--resume", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
-    print("$ kdens " + " ".join(args) + f" --out {out}", flush=True)
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    full = [*args, "--quiet", "--resume", "--out", str(out)]
+    print("$ kdens " + " ".join(full), flush=True)
+    rc = kdens_child.run(full, log)
     if rc:
-        raise SystemExit(f"failed (exit {rc}): {' '.join(cmd)}; see {log}")
+        raise SystemExit(f"failed (exit {rc}): kdens {' '.join(full)}; see {log}")
 
 
 def metrics(runs: Path, name: str) -> dict | None:

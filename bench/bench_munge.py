@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import kdens_child  # noqa: E402
 from bench_trees import write_tabular  # noqa: E402
 
 SETS = {
@@ -51,15 +50,10 @@ def kdens(args: list[str], log: Path) -> None:
     out = Path(args[args.index("--out") + 1])
     if (out / "manifest.json").exists():
         return
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print("$ kdens " + " ".join(args), flush=True)
-    with open(log, "a") as f:
-        f.write("$ kdens " + " ".join(args) + "\n")
-        f.flush()
-        r = subprocess.run([sys.executable, "-m", "kdens", *args, "--quiet", "--resume"], env=env, stdout=f,
-                           stderr=subprocess.STDOUT, check=False)
-    if r.returncode:
-        raise SystemExit(f"kdens {' '.join(args)} failed (exit {r.returncode}); see {log}")
+    rc = kdens_child.run([*args, "--quiet", "--resume"], log)
+    if rc:
+        raise SystemExit(f"kdens {' '.join(args)} failed (exit {rc}); see {log}")
 
 
 def one_set(name: str, runs: Path, seeds: list[int], log: Path) -> dict:

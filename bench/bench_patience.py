@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import kdens_child  # noqa: E402
 import many_class  # noqa: E402
 
 POLICIES = {"patience 10 (old default)": ["--patience", "10"], "off (new default)": []}
@@ -47,14 +46,10 @@ def cases(runs: Path, seeds: list[int], fm_seeds: list[int]) -> list[tuple[str, 
 
 def train(out: Path, args: list[str], log: Path) -> dict:
     if not (out / "manifest.json").exists():
-        cmd = [sys.executable, "-m", "kdens", "train-generalist", *args, "--quiet", "--resume", "--out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        with open(log, "a") as f:
-            f.write("$ " + " ".join(cmd) + "\n")
-            f.flush()
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        full = ["train-generalist", *args, "--quiet", "--resume", "--out", str(out)]
+        rc = kdens_child.run(full, log)
         if rc:
-            raise SystemExit(f"failed (exit {rc}): {' '.join(cmd)}; see {log}")
+            raise SystemExit(f"failed (exit {rc}): kdens {' '.join(full)}; see {log}")
     m = json.loads((out / "metrics.json").read_text())
     m["wall_seconds"] = json.loads((out / "manifest.json").read_text()).get("wall_seconds")
     return m

@@ -1,0 +1,26 @@
+"""One ``kdens`` command in a child process, the way the benchmarks run every step.
+
+The child gets one thread unless ``OMP_NUM_THREADS`` says otherwise (two torch threads under
+load are pathological on the 2-core development machine) and this checkout on its path; its
+output is appended to a log after the command line, so a benchmark's log holds every command
+it ran and what each printed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], log: Path) -> int:
+    """Run ``kdens ARGS``, appending the command and its output to ``log``; the exit code."""
+    cmd = [sys.executable, "-m", "kdens", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
