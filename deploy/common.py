@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploy import latency
 from kdens import metrics
 from kdens.errors import ConfigError
 from kdens.mapped import MappedRows
@@ -252,3 +253,11 @@ def finish(report: dict) -> dict:
     report["passed"] = not failures
     report["failures"] = failures
     return report
+
+
+def latency_grid(make_run_fn, x: np.ndarray, opts: DeployOptions, prepare=None) -> tuple[dict, dict]:
+    """``deploy.latency.latency_grid`` over the options' batch sizes, thread counts and timing budget
+    (every target measures the same grid)."""
+    return latency.latency_grid(make_run_fn, x, opts.batch_sizes, opts.thread_counts(), warmup=opts.latency_warmup,
+                                min_runs=opts.latency_min_runs, min_seconds=opts.latency_min_seconds,
+                                prepare=prepare)

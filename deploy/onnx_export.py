@@ -263,10 +263,7 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
                                 + (" (--io int8 applies to tflite only; QDQ keeps the I/O as exported)"
                                    if opts.io == "int8" else ""))
 
-    lat, env = latency.latency_grid(
-        lambda bs, t: OnnxModel(path, num_threads=t).run_fn(bs), data.x_test, opts.batch_sizes,
-        opts.thread_counts(), warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
-        min_seconds=opts.latency_min_seconds)
+    lat, env = common.latency_grid(lambda bs, t: OnnxModel(path, num_threads=t).run_fn(bs), data.x_test, opts)
     checks["latency"] = common.info(f"measured {', '.join(lat)} in onnxruntime (CPU EP)")
 
     samples = common.save_samples(out_dir, data.x_test, ref, out)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy import common, latency
+from deploy import common
 from deploy.common import DeployData, DeployOptions
 from deploy.edge_runner import OnnxModel
 from kdens.artifacts import read_json
@@ -87,10 +87,7 @@ def deploy(model_dir: Path, spec: dict, data: DeployData, opts: DeployOptions, o
                                f"{'<=' if ok else '>'} {PARITY_TOL:g} on {len(ref)} test inputs", tolerance=PARITY_TOL),
         "io": common.info("float32 inputs, float32 probabilities out"),
     }
-    lat, env = latency.latency_grid(
-        lambda bs, t: OnnxModel(path, num_threads=t).run_fn(bs), data.x_test, opts.batch_sizes,
-        opts.thread_counts(), warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
-        min_seconds=opts.latency_min_seconds)
+    lat, env = common.latency_grid(lambda bs, t: OnnxModel(path, num_threads=t).run_fn(bs), data.x_test, opts)
     checks["latency"] = common.info(f"measured {', '.join(lat)} in onnxruntime (CPU EP)")
     samples = common.save_samples(out_dir, data.x_test, ref, out)
     size = path.stat().st_size

@@ -314,10 +314,8 @@ def deploy(model: nn.Module, data: DeployData, opts: DeployOptions, out_dir: Pat
         checks["tflite_runtime"] = common.not_checked(why_not)
 
     prepare = (lambda xb: quantize(xb, in_detail)) if io["input"]["dtype"] == "int8" else None
-    lat, env = latency.latency_grid(
-        lambda bs, t: TFLiteModel(path, "ai_edge_litert", num_threads=t).run_fn(bs), data.x_test,
-        opts.batch_sizes, opts.thread_counts(), warmup=opts.latency_warmup, min_runs=opts.latency_min_runs,
-        min_seconds=opts.latency_min_seconds, prepare=prepare)
+    lat, env = common.latency_grid(lambda bs, t: TFLiteModel(path, "ai_edge_litert", num_threads=t).run_fn(bs),
+                                   data.x_test, opts, prepare=prepare)
     checks["latency"] = common.info(f"measured {', '.join(lat)} in ai_edge_litert (XNNPACK) through the "
                                      "signature runner; int8 inputs are quantized before timing")
 
