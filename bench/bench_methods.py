@@ -3,8 +3,8 @@
 Trains (or reuses) one teacher and, per seed, a hard-label baseline of the student's
 architecture; then distills the student with every ``--method`` at its paper defaults,
 plus born-again generations and DKD with a 1-epoch warmup (its paper warmup of 20 epochs
-spans the whole of a 20-epoch run). Each job is a ``kdens`` process run one at a time,
-single-threaded. Reports test errors (mean and sd over seeds), the share of the
+spans the whole of a 20-epoch run). Each job is a single-threaded ``kdens`` process, ``--jobs``
+of them at a time (default 1). Reports test errors (mean and sd over seeds), the share of the
 teacher-baseline gap recovered, and the wall time per training epoch relative to ``kd``
 (``train_seconds / epochs_run`` from each run's metrics: the training loop with its
 validation pass, the online teacher of feature methods included, kd's one-off soft-target
@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KDENS = [sys.executable, "-m", "kdens"]
@@ -56,6 +57,13 @@ def sh(args: list[str], log: Path) -> str:
     if r.returncode != 0:
         return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
     return "ok"
+
+
+def _run_all(todo: list[tuple[str, list[str]]], jobs: int, log: Path, status: dict) -> None:
+    """Run (name, kdens args) jobs, ``jobs`` processes at a time (each single-threaded)."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for name, result in zip([n for n, _ in todo], pool.map(lambda j: sh(j[1], log), todo)):
+            status[name] = result
 
 
 def _m(run: Path) -> dict:
@@ -84,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--student", help="old spelling of one --student-arg")
     ap.add_argument("--methods", help="comma-separated subset of the methods and variants [all]")
     ap.add_argument("--flags", default="", help="extra kdens flags for every baseline and student, one string")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="kdens processes at once, one thread each (per-epoch times are comparable only "
+                         "between runs that shared the machine alike) [1]")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -114,31 +125,39 @@ def main(argv=None) -> int:
         teacher_desc = f"{' '.join([args.teacher_model, *args.teacher_arg])} (seed 0, {t_epochs} epochs)"
     if status["teacher"] not in ("ok", "reused"):
         raise SystemExit(f"teacher: {status['teacher']}")
-    rows: dict[str, list[dict]] = {}
+    # baselines first (every student of a seed needs its own), then every student; --jobs of them at once
+    bases = {seed: args.runs / f"baseline-s{seed}" for seed in seeds}
+    todo = [(b.name, ["train-generalist", *student, *common, "--seed", str(seed), "--out", str(b)])
+            for seed, b in bases.items()]
+    _run_all(todo, args.jobs, log, status)
+    jobs = [(m, ["--method", m]) for m in METHODS] + list(VARIANTS.items())
+    jobs = [j for j in jobs if wanted is None or j[0] in wanted]
+    students = []  # (seed, name, out)
+    todo = []
     for seed in seeds:
-        base = args.runs / f"baseline-s{seed}"
-        status[base.name] = sh(["train-generalist", "--data", "digits", *student, *common, "--seed", str(seed),
-                                "--out", str(base)], log)
-        jobs = [(m, ["--method", m]) for m in METHODS] + list(VARIANTS.items())
-        jobs = [j for j in jobs if wanted is None or j[0] in wanted]
+        base = bases[seed]
         for name, flags in jobs:
             out = args.runs / f"{name.split()[0]}{'-w1' if 'warmup' in name else ''}-s{seed}"
             t = str(base) if name == "tfkd-self" else str(teacher)
             model = [] if name == "tfkd-self" else student  # self-training copies the pretrained student
-            status[out.name] = sh(["distill", "--teacher", t, *model, *flags, *common, "--seed", str(seed),
-                                   "--baseline", str(base), "--out", str(out)], log)
-            m = _m(out)
-            row = {"seed": seed, "status": status[out.name], "test_errors": m.get("test_errors"),
-                   "baseline_test_errors": _m(base).get("test_errors"), "gap_recovered": m.get("gap_recovered"),
-                   "epochs_run": m.get("epochs_run"), "train_seconds": m.get("train_seconds")}
-            gens = m.get("generations")
-            if gens:  # born-again: every generation's epochs
-                row["epochs_run"] = sum(g["epochs_run"] for g in gens)
-            if row["epochs_run"] and row["train_seconds"]:
-                row["epoch_seconds"] = row["train_seconds"] / row["epochs_run"]
-            if "ensemble" in m:
-                row["ensemble_test_errors"] = m["ensemble"]["test_errors"]
-            rows.setdefault(name, []).append(row)
+            todo.append((out.name, ["distill", "--teacher", t, *model, *flags, *common, "--seed", str(seed),
+                                    "--baseline", str(base), "--out", str(out)]))
+            students.append((seed, name, out))
+    _run_all(todo, args.jobs, log, status)
+    rows: dict[str, list[dict]] = {}
+    for seed, name, out in students:
+        m = _m(out)
+        row = {"seed": seed, "status": status[out.name], "test_errors": m.get("test_errors"),
+               "baseline_test_errors": _m(bases[seed]).get("test_errors"), "gap_recovered": m.get("gap_recovered"),
+               "epochs_run": m.get("epochs_run"), "train_seconds": m.get("train_seconds")}
+        gens = m.get("generations")
+        if gens:  # born-again: every generation's epochs
+            row["epochs_run"] = sum(g["epochs_run"] for g in gens)
+        if row["epochs_run"] and row["train_seconds"]:
+            row["epoch_seconds"] = row["train_seconds"] / row["epochs_run"]
+        if "ensemble" in m:
+            row["ensemble_test_errors"] = m["ensemble"]["test_errors"]
+        rows.setdefault(name, []).append(row)
     tm = _m(teacher)
     kd_secs = [r["epoch_seconds"] for r in rows.get("kd", []) if r.get("epoch_seconds")]
     kd_epoch = statistics.median(kd_secs) if kd_secs else None
