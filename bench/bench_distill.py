@@ -13,29 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-KDENS = [sys.executable, "-m", "kdens"]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def sh(args: list[str], log: Path) -> str:
-    """Run one kdens command; returns 'ok', 'reused' or the failure's last line (kept in the table)."""
-    out = Path(args[args.index("--out") + 1])
-    if (out / "manifest.json").exists():
-        return "reused"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    r = subprocess.run(KDENS + args, capture_output=True, text=True, env=env)
-    with open(log, "a") as f:
-        f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
-    if r.returncode != 0:
-        return (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
-    return "ok"
+import kdens_child  # noqa: E402
 
 
 def metrics(run: Path) -> dict:
@@ -93,10 +80,10 @@ def main() -> None:
                    "--alpha", str(args.alpha), "--seed", "0", "--transfer", f"omit={args.omit}", "--fix-bias",
                    "--out", str(omit_dir)])
     with ThreadPoolExecutor(args.jobs) as pool:
-        status = dict(zip([a[-1] for a in stage1], pool.map(lambda a: sh(a, log), stage1)))
+        status = dict(zip([a[-1] for a in stage1], pool.map(lambda a: kdens_child.step(a, log), stage1)))
         # one distillation first so the shared soft-target cache is built once, not raced
-        status[stage2[0][-1]] = sh(stage2[0], log)
-        status.update(zip([a[-1] for a in stage2[1:]], pool.map(lambda a: sh(a, log), stage2[1:])))
+        status[stage2[0][-1]] = kdens_child.step(stage2[0], log)
+        status.update(zip([a[-1] for a in stage2[1:]], pool.map(lambda a: kdens_child.step(a, log), stage2[1:])))
 
     teacher = metrics(Path(args.teacher))
     rows = []

@@ -33,36 +33,24 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-KDENS = [sys.executable, "-m", "kdens"]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kdens_child  # noqa: E402
 METHODS = ["kd", "soft", "logits", "fitnets", "fsp", "rkd", "dkd", "dist", "lskd", "tfkd-self", "tfkd-virtual"]
 VARIANTS = {"dkd (warmup=1)": ["--method", "dkd", "--method-arg", "warmup=1"],
             "born-again kd, 2 generations": ["--method", "kd", "--generations", "2"]}
 
 
-def sh(args: list[str], log: Path) -> str:
-    """Run one kdens command unless its folder is finished; 'ok', 'reused' or the error's last line."""
-    out = Path(args[args.index("--out") + 1])
-    if (out / "manifest.json").exists():
-        return "reused"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    r = subprocess.run(KDENS + args, capture_output=True, text=True, env=env)
-    with open(log, "a") as f:
-        f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
-    if r.returncode != 0:
-        return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-    return "ok"
-
-
 def _run_all(todo: list[tuple[str, list[str]]], jobs: int, log: Path, status: dict) -> None:
     """Run (name, kdens args) jobs, ``jobs`` processes at a time (each single-threaded)."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for name, result in zip([n for n, _ in todo], pool.map(lambda j: sh(j[1], log), todo)):
+        for name, result in zip([n for n, _ in todo], pool.map(lambda j: kdens_child.step(j[1], log), todo)):
             status[name] = result
 
 
@@ -119,7 +107,7 @@ def main(argv=None) -> int:
         teacher = args.runs / "teacher"
         t_args = [x for a in args.teacher_arg for x in ("--model-arg", a)]
         t_epochs = args.teacher_epochs or args.epochs
-        status = {"teacher": sh(["train-generalist", "--data", args.data, "--model", args.teacher_model, *t_args,
+        status = {"teacher": kdens_child.step(["train-generalist", "--data", args.data, "--model", args.teacher_model, *t_args,
                                  "--epochs", str(t_epochs), "--patience", "1000", "--quiet", "--seed", "0",
                                  "--out", str(teacher)], log)}
         teacher_desc = f"{' '.join([args.teacher_model, *args.teacher_arg])} (seed 0, {t_epochs} epochs)"

@@ -24,3 +24,23 @@ def run(args: list[str], log: Path) -> int:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+
+
+def step(args: list[str], log: Path) -> str:
+    """Run ``kdens ARGS`` unless its ``--out`` folder is finished: 'ok', 'reused' or the error's last line.
+
+    The output is captured and appended in one write after the child ends, so steps run in
+    parallel threads do not interleave in the log; a failure's last line goes into the
+    benchmark's table instead of stopping it.
+    """
+    out = Path(args[args.index("--out") + 1])
+    if (out / "manifest.json").exists():
+        return "reused"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TQDM_DISABLE": "1",
+           "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "kdens", *args], capture_output=True, text=True, env=env, check=False)
+    with open(log, "a") as f:
+        f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
+    if r.returncode != 0:
+        return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+    return "ok"
