@@ -27,7 +27,7 @@ All runs train on all 60,000 training images (``--val-fraction 0``; no early sto
 weight decay, except the ``omit`` part, whose bias fit needs a validation split.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mnist.py --parts table,consistent,three --seeds 0,1,2
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mnist.py --parts temperature,omit --seeds 0
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mnist.py --parts bteacher,temperature,omit --seeds 0,1,2
     .venv/bin/python bench/bench_mnist.py --summary-only     # the tables from finished runs
 
 Two processes can run side by side (say one per core): a run being trained by one is locked

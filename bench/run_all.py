@@ -126,8 +126,8 @@ STEPS: dict[str, list] = {
     # issue 17: early stopping against the cosine schedule (old default vs new, ~1 CPU-hour)
     "patience": [[PY, "bench/bench_patience.py", "--runs", "runs/patience", "--out", "bench/results/patience"]],
     # issue 13: the paper's MNIST table, consistent teaching and 3% of the data, 3 seeds (CPU-hours)
-    "mnist-table": [[PY, "bench/bench_mnist.py", "--parts", "table,consistent,three", "--seeds", "0,1,2",
-                     "--runs", "runs/mnist", "--out", "bench/results/mnist"]],
+    "mnist-table": [[PY, "bench/bench_mnist.py", "--parts", "table,consistent,bteacher,three,temperature,omit",
+                     "--seeds", "0,1,2", "--runs", "runs/mnist", "--out", "bench/results/mnist"]],
 }
 
 
