@@ -16,14 +16,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """The child's environment: one thread unless set, this checkout importable."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT), **extra}
+
+
 def run(args: list[str], log: Path) -> int:
     """Run ``kdens ARGS``, appending the command and its output to ``log``; the exit code."""
     cmd = [sys.executable, "-m", "kdens", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), check=False).returncode
 
 
 def step(args: list[str], log: Path) -> str:
@@ -36,9 +40,8 @@ def step(args: list[str], log: Path) -> str:
     out = Path(args[args.index("--out") + 1])
     if (out / "manifest.json").exists():
         return "reused"
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TQDM_DISABLE": "1",
-           "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "kdens", *args], capture_output=True, text=True, env=env, check=False)
+    r = subprocess.run([sys.executable, "-m", "kdens", *args], capture_output=True, text=True,
+                       env=_env(TQDM_DISABLE="1"), check=False)
     with open(log, "a") as f:
         f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
     if r.returncode != 0:
