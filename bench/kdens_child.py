@@ -33,6 +33,9 @@ def run(args: list[str], log: Path) -> int:
 def step(args: list[str], log: Path) -> str:
     """Run ``kdens ARGS`` unless its ``--out`` folder is finished: 'ok', 'reused' or the error's last line.
 
+    An ``--out`` folder without a manifest is an interrupted run: it gets ``--resume``, so a
+    benchmark stopped mid-training continues from its last epoch checkpoint.
+
     The output is captured and appended in one write after the child ends, so steps run in
     parallel threads do not interleave in the log; a failure's last line goes into the
     benchmark's table instead of stopping it.
@@ -40,6 +43,8 @@ def step(args: list[str], log: Path) -> str:
     out = Path(args[args.index("--out") + 1])
     if (out / "manifest.json").exists():
         return "reused"
+    if out.is_dir() and "--resume" not in args:
+        args = [*args, "--resume"]
     r = subprocess.run([sys.executable, "-m", "kdens", *args], capture_output=True, text=True,
                        env=_env(TQDM_DISABLE="1"), check=False)
     with open(log, "a") as f:
