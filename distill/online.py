@@ -144,7 +144,7 @@ def _loss_fn(method: FeatureMethod, phase: Phase, setup: FeatureSetup, store: Fe
 
 def train(method: FeatureMethod, setup: FeatureSetup, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, run_dir: Path,
           *, resume: bool, run_key: str, progress: bool,
-          store: FeatureStore | None = None) -> tuple[TrainResult, list[dict]]:
+          store: FeatureStore | None = None, check_classes: list[int] | None = None) -> tuple[TrainResult, list[dict]]:
     """Run the method's phases; the student (``setup.trainee.student``) ends with the last phase's best weights.
 
     ``store`` holds the teacher's logits and hint features over ``x_tr`` (``distill.feature_cache``);
@@ -163,7 +163,7 @@ def train(method: FeatureMethod, setup: FeatureSetup, x_tr, y_tr, x_val, y_val, 
                      y_val if phase.validate else None, pcfg, loss_fn=_loss_fn(method, phase, setup, store),
                      ckpt_dir=ckpt, resume=resume, run_key=f"{run_key}:{i}:{phase.name}", progress=progress,
                      desc=f"student ({phase.name})" if len(phases) > 1 else "student",
-                     on_epoch=lambda e, n=phase.epochs: method.set_epoch(e, n))
+                     on_epoch=lambda e, n=phase.epochs: method.set_epoch(e, n), check_classes=check_classes)
         summaries.append({"phase": phase.name, "epochs": phase.epochs, "epochs_run": len(result.history),
                           "seconds": round(result.seconds, 3), "validated": phase.validate,
                           "final_train_loss": result.history[-1]["train_loss"] if result.history else None})

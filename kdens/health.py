@@ -95,13 +95,21 @@ def chance_test(correct: int, n: int, chance: float) -> float:
     return float(binom.sf(correct - 1, n, chance))
 
 
-def check_learned(logits: torch.Tensor, y_val, history: list[dict], cfg, desc: str) -> dict:
+def check_learned(logits: torch.Tensor, y_val, history: list[dict], cfg, desc: str,
+                  classes: list[int] | None = None) -> dict:
     """The after-training rule (module docstring) on the kept weights' validation logits (N, C).
+
+    ``classes``: judge only the validation examples of these classes (a student whose transfer
+    set omitted classes was never taught them: before its bias fix it is expected to miss them,
+    which is the paper's experiment, not a failed training).
 
     Returns the record stored in metrics (``checked``, the counts, p-value, losses); raises
     ``TrainingFailed`` when the run is at chance or its loss never beat the class frequencies.
     """
     y = np.asarray(y_val, dtype=np.int64)
+    if classes is not None:
+        keep = np.isin(y, classes)
+        logits, y = logits[torch.as_tensor(keep)], y[keep]
     n = len(y)
     if n == 0:
         return {"checked": False, "reason": "no validation split"}
@@ -117,6 +125,8 @@ def check_learned(logits: torch.Tensor, y_val, history: list[dict], cfg, desc: s
                       "validation loss below the class-frequency guess",
               "val_correct": correct, "val_examples": n, "chance_accuracy": round(chance, 6),
               "val_loss": round(val_loss, 6), "class_frequency_loss": round(prior_loss, 6)}
+    if classes is not None:
+        record["classes_checked"] = sorted(int(c) for c in classes)
     if chance ** n >= ALPHA:
         return {**record, "checked": False,
                 "reason": f"a validation split of {n} examples cannot show accuracy above chance "

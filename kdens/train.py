@@ -240,7 +240,7 @@ def _state_copy(model: nn.Module) -> dict:
 def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainConfig | None = None, *,
         loss_fn: LossFn | None = None, sampler: Sampler | None = None, ckpt_dir: Path | None = None,
         resume: bool = False, run_key: str = "", progress: bool = True, desc: str = "train",
-        on_epoch: Callable[[int], None] | None = None) -> TrainResult:
+        on_epoch: Callable[[int], None] | None = None, check_classes: list[int] | None = None) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     Args:
@@ -262,6 +262,8 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
         desc: the run's name in progress and in error messages.
         on_epoch: called with the 0-based epoch before each epoch's first step (also after a
             resume), for losses whose weights follow a schedule (a warmup, an annealed weight).
+        check_classes: the classes the after-training check judges (``kdens.health.check_learned``);
+            None: all of them.
 
     Raises:
         TrainingFailed: the loss became NaN, the units died, or the kept weights are at chance
@@ -411,7 +413,7 @@ def fit(model: nn.Module, x_train, y_train, x_val=None, y_val=None, cfg: TrainCo
         model.load_state_dict(best_state)
         if x_val is not None and y_val is not None and len(x_val):
             logits = predict_logits(model, x_val, cfg.eval_batch_size, device, amp)
-            result.health = health.check_learned(logits, y_val, result.history, cfg, desc)
+            result.health = health.check_learned(logits, y_val, result.history, cfg, desc, check_classes)
         else:
             result.health = {"checked": False, "reason": "no validation split"}
     except TrainingFailed:

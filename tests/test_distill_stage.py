@@ -180,6 +180,8 @@ def test_omit_with_fix_bias_reports_the_shift(runs, tmp_path):
     assert m["train_examples"] == int((data.y_train != 3).sum())
     fit = m["bias_fit"]
     assert m["bias_shift"] == fit["shift"] != 0.0 and fit["omitted_classes"] == [3]
+    # the after-training check judged the nine classes it was taught, not the one it never saw
+    assert m["training_check"]["classes_checked"] == [c for c in range(10) if c != 3]
     assert fit["accuracy_after"] >= fit["accuracy_before"]
     assert isinstance(m["test_errors_before_bias_fix"], int) and m["test_errors_after_bias_fix"] == m["test_errors"]
     # the saved student carries the shift: its validation accuracy is the fitted one

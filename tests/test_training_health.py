@@ -53,6 +53,20 @@ def test_the_binomial_rule():
     assert good["passed"] and good["val_correct"] == 100 and good["p_value"] < 1e-6
 
 
+def test_a_student_taught_only_some_classes_is_judged_on_those():
+    # the paper's 7s-and-8s student: right on every 7 and 8, never predicts the other classes
+    y = np.arange(200) % 10
+    logits = torch.full((200, 10), -20.0)
+    logits[torch.arange(200), torch.as_tensor(np.where(np.isin(y, [7, 8]), y, 7))] = 20.0
+    with pytest.raises(TrainingFailed, match="never got below"):  # on every class it looks broken
+        health.check_learned(logits, y, [], TrainConfig(), "student")
+    record = health.check_learned(logits, y, [], TrainConfig(), "student", classes=[7, 8])
+    assert record["passed"] and record["val_examples"] == 40 and record["val_correct"] == 40
+    assert record["classes_checked"] == [7, 8]
+    with pytest.raises(TrainingFailed):  # and a student wrong on the taught classes still fails
+        health.check_learned(logits, y, [], TrainConfig(), "student", classes=[0, 1])
+
+
 def test_advice_never_repeats_a_setting_in_force():
     same = torch.zeros(10, 10)
     with pytest.raises(TrainingFailed) as e:
