@@ -329,7 +329,8 @@ def _student_metrics(student, teacher: Teacher | None, data: Dataset, cfg: Disti
     metrics = evaluate_model(student, data, bs)
     metrics.update(params=count_params(student), train_seconds=round(result.seconds, 3),
                    **schedule_metrics(result, cfg.train), train_examples=int(n_transfer),
-                   training_check=result.health, method=cfg.method, method_args=dict(cfg.method_args), hint=list(cfg.hint),
+                   training_check=result.health, method=cfg.method, method_args=dict(cfg.method_args),
+                   hint=list(cfg.hint),
                    temperature=cfg.temperature, alpha=cfg.alpha, loss=cfg.method, transfer=cfg.transfer)
     if isinstance(teacher, ScoresTeacher):  # scores of the training rows only: no test comparison
         y_all = np.empty(len(teacher.scores), np.int64)  # labels in the scores' row order
