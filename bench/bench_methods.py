@@ -47,6 +47,11 @@ VARIANTS = {"dkd (warmup=1)": ["--method", "dkd", "--method-arg", "warmup=1"],
             "born-again kd, 2 generations": ["--method", "kd", "--generations", "2"]}
 
 
+def _slug(name: str) -> str:
+    """A job's run-folder stem and its --methods spelling: "dkd-w1", "born-again" for the variants."""
+    return f"{name.split()[0]}{'-w1' if 'warmup' in name else ''}"
+
+
 def _run_all(todo: list[tuple[str, list[str]]], jobs: int, log: Path, status: dict) -> None:
     """Run (name, kdens args) jobs, ``jobs`` processes at a time (each single-threaded)."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--student-model", default="mlp", help="student architecture [mlp]")
     ap.add_argument("--student-arg", action="append", help="student --model-arg (repeatable) [hidden=64 for mlp]")
     ap.add_argument("--student", help="old spelling of one --student-arg")
-    ap.add_argument("--methods", help="comma-separated subset of the methods and variants [all]")
+    ap.add_argument("--methods", help="comma-separated subset of the methods and variants (dkd-w1, born-again) [all]")
     ap.add_argument("--flags", default="", help="extra kdens flags for every baseline and student, one string")
     ap.add_argument("--jobs", type=int, default=1,
                     help="kdens processes at once, one thread each (per-epoch times are comparable only "
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
     student = ["--model", args.student_model, *(x for a in s_args for x in ("--model-arg", a))]
     student_desc = " ".join([args.student_model, *s_args])
     wanted = args.methods.split(",") if args.methods else None
-    known = METHODS + list(VARIANTS)
+    known = METHODS + [_slug(v) for v in VARIANTS]
     if wanted and not set(wanted) <= set(known):
         raise SystemExit(f"--methods: unknown {sorted(set(wanted) - set(known))}; known: {', '.join(known)}")
     if args.teacher:
@@ -119,13 +124,13 @@ def main(argv=None) -> int:
             for seed, b in bases.items()]
     _run_all(todo, args.jobs, log, status)
     jobs = [(m, ["--method", m]) for m in METHODS] + list(VARIANTS.items())
-    jobs = [j for j in jobs if wanted is None or j[0] in wanted]
+    jobs = [j for j in jobs if wanted is None or _slug(j[0]) in wanted]
     students = []  # (seed, name, out)
     todo = []
     for seed in seeds:
         base = bases[seed]
         for name, flags in jobs:
-            out = args.runs / f"{name.split()[0]}{'-w1' if 'warmup' in name else ''}-s{seed}"
+            out = args.runs / f"{_slug(name)}-s{seed}"
             t = str(base) if name == "tfkd-self" else str(teacher)
             model = [] if name == "tfkd-self" else student  # self-training copies the pretrained student
             todo.append((out.name, ["distill", "--teacher", t, *model, *flags, *common, "--seed", str(seed),
