@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -357,6 +358,12 @@ def _student_metrics(student, teacher: Teacher | None, data: Dataset, cfg: Disti
         metrics["gap_recovered"], why = M.gap_recovered(b, t, s)
         if why:
             metrics["gap_recovered_note"] = why
+        worse = M.worse_than_baseline(b, s)
+        if worse:  # it learned something (kdens.health passed) but is damaged: say so, with what to try
+            clip = "--grad-clip 5 (a high T scales the soft gradient by T^2), " if cfg.train.grad_clip is None else ""
+            advice = f"things to try: {clip}more --epochs, another --temperature or --alpha, a lower --lr"
+            metrics["worse_than_baseline"] = worse
+            print(f"warning: {worse}; {advice}", file=sys.stderr, flush=True)
     metrics["soft_targets"] = ({k: cache_info[k] for k in ("online", "reused", "build_seconds", "precomputed")
                                 if k in cache_info} if cache_info.get("teacher", True) else None)
     return metrics

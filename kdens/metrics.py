@@ -75,6 +75,24 @@ def summary(scores, y, prefix: str = "") -> dict:
     }
 
 
+def worse_than_baseline(baseline_errors: int | None, student_errors: int | None) -> str | None:
+    """Why a distilled student counts as worse than its hard-label baseline, or None.
+
+    Worse means more test errors than the baseline by more than the noise ``gap_recovered``
+    allows a teacher's lead, ``2 * sqrt(b + s)``. A run can pass every check of
+    ``kdens.health`` (it learned *something*) and still be wrecked: a 30-30 student distilled
+    at T = 8 without gradient clipping ended at 8,083 test errors against its baseline's 291.
+    """
+    if baseline_errors is None or student_errors is None:
+        return None
+    b, s = int(baseline_errors), int(student_errors)
+    noise = 2.0 * math.sqrt(b + s)
+    if s - b <= noise:
+        return None
+    return (f"the student makes {s} test errors, its hard-label baseline {b}: distillation made it worse by "
+            f"more than sampling noise (2 * sqrt({b} + {s}) = {noise:.0f})")
+
+
 def gap_recovered(baseline_errors: int | None, teacher_errors: int | None,
                   student_errors: int | None) -> tuple[float | None, str | None]:
     """Share of the baseline-to-teacher error gap a student closed, or (None, why not).

@@ -85,3 +85,32 @@ def test_distill_says_why_gap_is_na(tmp_path):
     assert m["gap_recovered"] is None and m["gap_recovered_note"] == M.gap_recovered(
         m["baseline_test_errors"], m["teacher_test_errors"], m["test_errors"])[1]
     assert "gap_recovered=n/a" in r.output and f"gap_recovered n/a: {m['gap_recovered_note']}" in r.output
+
+
+@pytest.mark.parametrize("b, s, worse", [
+    (291, 8083, True),    # the 30-30 at T = 8, unclipped: learned something, wrecked
+    (907, 953, False),    # kd on the Fashion-MNIST small CNN: 46 worse, within 2 * sqrt(1860) = 86
+    (100, 130, False),    # 30 <= 2 * sqrt(230) = 30.3
+    (100, 131, True),     # 31 > 2 * sqrt(231) = 30.4
+    (50, 40, False),      # better than the baseline
+    (None, 40, False),
+])
+def test_worse_than_baseline_only_beyond_noise(b, s, worse):
+    why = M.worse_than_baseline(b, s)
+    assert (why is not None) == worse
+    if why:
+        assert why.startswith(f"the student makes {s} test errors, its hard-label baseline {b}")
+
+
+def test_distill_warns_when_the_student_ends_worse_than_its_baseline(tmp_path):
+    """A run that passes kdens.health (it learned) but ends far below its baseline is flagged, not silent."""
+    teacher, student = tmp_path / "t", tmp_path / "s"
+    common = ["--model", "mlp", "--model-arg", "hidden=32", "--quiet"]
+    assert _run(["train-generalist", *common, "--epochs", "8", "--out", teacher]).exit_code == 0
+    # 5 epochs of a 32-unit student against the 8-epoch teacher as its own baseline: learned, far behind
+    r = _run(["distill", "--teacher", teacher, "--baseline", teacher, *common, "--epochs", "5", "--out", student])
+    assert r.exit_code == 0, r.output
+    m = json.loads((student / "metrics.json").read_text())
+    assert m["training_check"]["passed"] is True
+    assert m["worse_than_baseline"] == M.worse_than_baseline(m["baseline_test_errors"], m["test_errors"])
+    assert f"warning: {m['worse_than_baseline']}; things to try: --grad-clip 5" in r.output
