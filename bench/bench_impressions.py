@@ -15,28 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-KDENS = [sys.executable, "-m", "kdens"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kdens_child  # noqa: E402
 
 
 def sh(args: list[str], log: Path, threads: int = 1) -> dict:
-    """Run one kdens command (skipped when its --out is finished); its status and wall seconds."""
-    out = Path(args[args.index("--out") + 1])
-    if (out / "manifest.json").exists():
-        return {"status": "reused", "seconds": None}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    """Run one kdens command (``kdens_child.step``: skipped when its --out is finished); its status and wall seconds."""
     t0 = time.time()
-    r = subprocess.run(KDENS + args, capture_output=True, text=True, env=env)
-    with open(log, "a") as f:
-        f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
-    status = "ok" if r.returncode == 0 else (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-    return {"status": status, "seconds": round(time.time() - t0, 1)}
+    status = kdens_child.step(args, log, threads)
+    return {"status": status, "seconds": None if status == "reused" else round(time.time() - t0, 1)}
 
 
 def main() -> None:

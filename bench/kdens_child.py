@@ -30,7 +30,7 @@ def run(args: list[str], log: Path) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), check=False).returncode
 
 
-def step(args: list[str], log: Path) -> str:
+def step(args: list[str], log: Path, threads: int | None = None) -> str:
     """Run ``kdens ARGS`` unless its ``--out`` folder is finished: 'ok', 'reused' or the error's last line.
 
     An ``--out`` folder without a manifest is an interrupted run: it gets ``--resume``, so a
@@ -38,15 +38,17 @@ def step(args: list[str], log: Path) -> str:
 
     The output is captured and appended in one write after the child ends, so steps run in
     parallel threads do not interleave in the log; a failure's last line goes into the
-    benchmark's table instead of stopping it.
+    benchmark's table instead of stopping it. ``threads`` sets the child's ``OMP_NUM_THREADS``
+    (default: as for every child, one unless the environment says otherwise).
     """
     out = Path(args[args.index("--out") + 1])
     if (out / "manifest.json").exists():
         return "reused"
     if out.is_dir() and "--resume" not in args:
         args = [*args, "--resume"]
+    extra = {"OMP_NUM_THREADS": str(threads)} if threads is not None else {}
     r = subprocess.run([sys.executable, "-m", "kdens", *args], capture_output=True, text=True,
-                       env=_env(TQDM_DISABLE="1"), check=False)
+                       env=_env(TQDM_DISABLE="1", **extra), check=False)
     with open(log, "a") as f:
         f.write("$ kdens " + " ".join(args) + "\n" + r.stdout + r.stderr)
     if r.returncode != 0:
