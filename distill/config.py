@@ -61,7 +61,7 @@ class DistillConfig:
     """Born-again generations: train gen-01..gen-N, each from the one before, into folders under --out."""
     transfer: str = "train"
     """Transfer set: train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] |
-    impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B] (data-free, from the teacher's weights)."""
+    impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B,l2=W,clip=step|end] (data-free, from the teacher's weights)."""
     fix_bias: bool = False
     """After omit=: shift the omitted classes' output biases by one scalar fitted on validation."""
     baseline: str | None = None

@@ -12,6 +12,9 @@ ICML 2019, section 3:
 3. Each impression ``x`` starts uniform over the data's value range, and Adam minimises
    ``CE(y, softmax(teacher(x) / T))`` (T = 20 in the paper) for ``iters`` steps; after each step
    ``x`` is clipped back into the value range, so impressions have the data's layout and range.
+   Two levers the paper does not name (``l2=W``, ``clip=end``): a penalty ``W/2 * ||x||^2`` added to
+   each impression's loss, and clipping only once, after the last step (a third-party
+   reimplementation, sseung0703/Zero-shot_Knowledge_Distillation, does both, with W = 1e-3).
    A teacher that standardises its inputs does so inside its forward (``kdens.models.Standardized``),
    so ``x`` is optimised in the raw input space, as the data is given.
 
@@ -115,12 +118,13 @@ def value_range(data) -> tuple[np.ndarray, np.ndarray]:
 
 
 def optimise(model: nn.Module, y: Tensor, x0: Tensor, lo: Tensor, hi: Tensor, t: float, iters: int,
-             lr: float) -> tuple[Tensor, Tensor]:
+             lr: float, l2: float = 0.0, clip_every_step: bool = True) -> tuple[Tensor, Tensor]:
     """Adam on inputs ``x`` so that ``softmax(model(x) / t)`` matches the soft labels ``y``.
 
-    Minimises ``sum_i CE(y_i, softmax(model(x_i) / t))``: a sum, so each impression's gradient is
-    its own (Adam's per-element state keeps them independent too). ``x`` is clipped into
-    ``[lo, hi]`` after every step. The model must be in eval mode with frozen parameters.
+    Minimises ``sum_i [CE(y_i, softmax(model(x_i) / t)) + l2/2 * ||x_i||^2]``: a sum, so each
+    impression's gradient is its own (Adam's per-element state keeps them independent too). ``x``
+    is clipped into ``[lo, hi]`` after every step, or only after the last one when
+    ``clip_every_step`` is False. The model must be in eval mode with frozen parameters.
 
     Returns:
         (x (B, ...) float32 detached, the final per-impression cross-entropy (B,)).
@@ -130,12 +134,16 @@ def optimise(model: nn.Module, y: Tensor, x0: Tensor, lo: Tensor, hi: Tensor, t:
     for _ in range(iters):
         logp = torch.log_softmax(model(x).float() / t, dim=1)  # (B, C)
         loss = -(y * logp).sum()
+        if l2:
+            loss = loss + 0.5 * l2 * x.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+        if clip_every_step:
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
     with torch.no_grad():
+        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
         ce = -(y * torch.log_softmax(model(x).float() / t, dim=1)).sum(1)  # (B,)
     return x.detach(), ce
 
@@ -213,7 +221,8 @@ def generate(teacher, spec: TransferSpec, data, seed: int, cache_dir: Path, *,
             x0 = lo + (hi - lo) * rng.random((j - i, *data.input_shape), dtype=np.float32)
             tb = time.perf_counter()
             yb = torch.from_numpy(y[i:j]).to(device)
-            x, ce = optimise(model, yb, torch.from_numpy(x0).to(device), dev_lo, dev_hi, spec.t, spec.iters, spec.lr)
+            x, ce = optimise(model, yb, torch.from_numpy(x0).to(device), dev_lo, dev_hi, spec.t, spec.iters, spec.lr,
+                             spec.l2, spec.clip == "step")
             with torch.no_grad():
                 agree = float((model(x).argmax(1) == yb.argmax(1)).float().mean())
             xs.append(x.cpu().numpy())

@@ -12,7 +12,7 @@ bias). ``--transfer`` names one of these:
 * ``unlabeled=PATH``   inputs from a file, no labels (the loss must use alpha = 0)
 * ``munge=N[,p=P,s=S]`` N MUNGE pseudo-examples made from the training split (distill/munge.py),
                        labelled by the teacher only (alpha = 0)
-* ``impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B]`` N data impressions synthesised from the
+* ``impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B,l2=W,clip=step|end]`` N data impressions synthesised from the
                        teacher alone (distill/impressions.py, Nayak et al. 2019): no training example
 
 ``fit_bias_shift`` then fits the omitted classes' bias on the validation split.
@@ -29,13 +29,17 @@ from kdens.data import stratified_subset
 from kdens.errors import ConfigError, DataError
 
 VALID_FORMS = ("train | val | fraction=F (0 < F <= 1) | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] | "
-               "impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B]")
+               "impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B,l2=W,clip=step|end]")
 
 TransferKind = Literal["train", "val", "fraction", "omit", "unlabeled", "munge", "impressions"]
 
-IMPRESSION_DEFAULTS = {"beta": (1.0, 0.1), "t": 20.0, "iters": 1500, "lr": 0.01, "batch": 256}
+IMPRESSION_DEFAULTS = {"beta": (1.0, 0.1), "t": 20.0, "iters": 1500, "lr": 0.01, "batch": 256, "l2": 0.0,
+                       "clip": "step"}
 """Nayak et al. (2019), section 4: beta 1.0 and 0.1 for half the impressions each, T = 20, Adam at
-lr 0.01 for 1500 iterations; the batch only sets how many are optimised at once."""
+lr 0.01 for 1500 iterations; the batch only sets how many are optimised at once. The paper names
+no penalty on the impressions and no clipping rule: ``l2`` (0: none) and ``clip`` (``step``: back
+into the value range after every step; ``end``: only once, at the end) are kdens' levers."""
+CLIP_MODES = ("step", "end")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class TransferSpec:
     """Impressions: Adam learning rate."""
     batch: int = 256
     """Impressions: how many are optimised at once (one resumable unit)."""
+    l2: float = 0.0
+    """Impressions: weight W of the penalty ``W/2 * ||x||^2`` added to each impression's loss."""
+    clip: str = "step"
+    """Impressions: clip into the value range after every Adam step (``step``) or once at the end (``end``)."""
 
     @property
     def labeled(self) -> bool:
@@ -84,8 +92,10 @@ class TransferSpec:
             return f"munge={self.count},p={self.p!r},s={self.s!r}"
         if self.kind == "impressions":
             betas = ":".join(repr(b) for b in self.betas)
+            # l2 and clip only when set: the string keys the cache, and sets made before they existed stay valid
+            extra = (f",l2={self.l2!r}" if self.l2 else "") + (f",clip={self.clip}" if self.clip != "step" else "")
             return (f"impressions={self.count},beta={betas},t={self.t!r},iters={self.iters},lr={self.lr!r},"
-                    f"batch={self.batch}")
+                    f"batch={self.batch}{extra}")
         return self.kind
 
 
@@ -160,7 +170,7 @@ def parse_transfer(spec: str) -> TransferSpec:
 
 
 def _parse_impressions(spec: str, value: str) -> TransferSpec:
-    """``impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B]``; defaults from the paper."""
+    """``impressions=N[,beta=B1:B2,t=T,iters=I,lr=LR,batch=B,l2=W,clip=step|end]``; defaults from the paper."""
     head, *opts = [v.strip() for v in value.split(",")]
     example = "e.g. impressions=24000,beta=1:0.1,t=20,iters=1500"
     try:
@@ -174,6 +184,11 @@ def _parse_impressions(spec: str, value: str) -> TransferSpec:
         k, sep, v = (part.strip() for part in o.partition("="))
         if not sep or k not in IMPRESSION_DEFAULTS:
             raise _bad(spec, f"impressions knows {', '.join(f'{n}=' for n in IMPRESSION_DEFAULTS)}, not {o!r}")
+        if k == "clip":
+            if v not in CLIP_MODES:
+                raise _bad(spec, f"impressions: clip={v!r} is not one of {', '.join(CLIP_MODES)}")
+            kw[k] = v
+            continue
         try:
             kw[k] = (tuple(float(b) for b in v.split(":")) if k == "beta"
                      else int(v) if k in ("iters", "batch") else float(v))
@@ -184,12 +199,15 @@ def _parse_impressions(spec: str, value: str) -> TransferSpec:
         raise _bad(spec, f"impressions: every beta must be a finite number > 0, got {':'.join(map(str, betas))}")
     if not (0 < kw["t"] < float("inf") and 0 < kw["lr"] < float("inf")):
         raise _bad(spec, f"impressions: t and lr must be finite numbers > 0, got t={kw['t']}, lr={kw['lr']}")
+    if not 0 <= kw["l2"] < float("inf"):
+        raise _bad(spec, f"impressions: l2 must be a finite number >= 0, got l2={kw['l2']}")
     if kw["iters"] < 1 or kw["batch"] < 1:
         raise _bad(spec, f"impressions: iters and batch must be >= 1, got iters={kw['iters']}, batch={kw['batch']}")
     if count < len(betas):
         raise _bad(spec, f"impressions=N needs at least one impression per beta ({len(betas)}), got {count}")
     return TransferSpec(kind="impressions", count=count, betas=tuple(betas), t=float(kw["t"]),
-                        iters=int(kw["iters"]), lr=float(kw["lr"]), batch=int(kw["batch"]))
+                        iters=int(kw["iters"]), lr=float(kw["lr"]), batch=int(kw["batch"]), l2=float(kw["l2"]),
+                        clip=kw["clip"])
 
 
 def _labels(y: np.ndarray) -> np.ndarray:

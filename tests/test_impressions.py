@@ -69,6 +69,27 @@ def test_optimised_inputs_reach_their_labels_and_stay_in_range():
     assert (ce < start).all() and (x >= -2).all() and (x <= 3).all() and (x == 3).any() | (x == -2).any()
 
 
+def test_the_l2_penalty_shrinks_impressions_and_clip_end_lets_them_leave_the_range_until_the_last_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).eval()
+    model.requires_grad_(False)
+    y = torch.eye(4)[torch.tensor([0, 1, 2, 3, 2])] * 0.9 + 0.025  # (5, 4)
+    wide, x0 = (torch.full((1, 6), -50.0), torch.full((1, 6), 50.0)), torch.rand(5, 6) * 2 - 1
+    plain, _ = optimise(model, y, x0, *wide, t=20.0, iters=300, lr=0.05)
+    shrunk, _ = optimise(model, y, x0, *wide, t=20.0, iters=300, lr=0.05, l2=1.0)
+    assert shrunk.pow(2).sum() < 0.5 * plain.pow(2).sum()  # the penalty's pull towards 0 is visible
+    # a range the plain optimum leaves: clipping every step holds x inside, clipping at the end lets
+    # Adam go outside first; both end inside it, at different points
+    lo, hi = torch.full((1, 6), -0.5), torch.full((1, 6), 0.5)
+    assert (plain.abs() > 0.5).any()
+    step, _ = optimise(model, y, x0, lo, hi, t=20.0, iters=300, lr=0.05)
+    end, _ = optimise(model, y, x0, lo, hi, t=20.0, iters=300, lr=0.05, clip_every_step=False)
+    for x in (step, end):
+        assert (x >= -0.5).all() and (x <= 0.5).all()
+    assert not torch.equal(step, end)
+    assert torch.equal(end, plain.clamp(-0.5, 0.5))  # unclipped until the end: the wide run, clipped once
+
+
 def test_value_range_is_unit_for_scaled_images_and_the_extremes_otherwise():
     digits = load_dataset("digits")
     lo, hi = value_range(digits)
@@ -151,6 +172,12 @@ def test_impression_specs_parse_to_the_papers_defaults_and_round_trip():
     assert str(parse_transfer(str(other))) == str(other) and other.betas == (2.0, 1.0, 0.5)
     with pytest.raises(ConfigError, match="at least one impression per beta"):
         parse_transfer("impressions=2,beta=1:0.5:0.1")
+    assert (spec.l2, spec.clip) == (0.0, "step") and "l2" not in str(spec) and "clip" not in str(spec)
+    levers = parse_transfer("impressions=10,l2=0.001,clip=end")
+    assert (levers.l2, levers.clip) == (0.001, "end") and str(parse_transfer(str(levers))) == str(levers)
+    for bad, why in (("clip=never", "clip='never' is not one of step, end"), ("l2=-1", "l2 must be a finite")):
+        with pytest.raises(ConfigError, match=why):
+            parse_transfer(f"impressions=10,{bad}")
 
 
 def test_lenet5_half_halves_the_filters():

@@ -39,7 +39,7 @@ from kdens.app.cli_common import CONTEXT, RUN_KEYS, data_options, layers, print_
               help="Alias of --method for kd: alpha*CE + (1-alpha)*T^2*KL; soft: T^2*KL; logits: L2 of logits.")
 @click.option("--transfer", type=str, metavar="SET",
               help="train | val | fraction=F | omit=C1,C2 | unlabeled=PATH | munge=N[,p=P,s=S] (MUNGE pseudo-data) | "
-                   "impressions=N[,beta=1:0.1,t=20,iters=1500,lr=0.01,batch=256] (data-free: data impressions "
+                   "impressions=N[,beta=1:0.1,t=20,iters=1500,lr=0.01,batch=256,l2=0,clip=step] (data-free: data impressions "
                    "optimised against the teacher, Nayak et al. 2019) [train].")
 @click.option("--fix-bias/--no-fix-bias", default=None,
               help="After omit=: fit one bias shift of the omitted classes on validation [off].")
