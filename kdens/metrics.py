@@ -75,6 +75,11 @@ def summary(scores, y, prefix: str = "") -> dict:
     }
 
 
+def _noise(a: int, b: int) -> float:
+    """Twice the standard error of a difference of two error counts on one split, ``2 * sqrt(a + b)``."""
+    return 2.0 * math.sqrt(a + b)
+
+
 def worse_than_baseline(baseline_errors: int | None, student_errors: int | None) -> str | None:
     """Why a distilled student counts as worse than its hard-label baseline, or None.
 
@@ -86,7 +91,7 @@ def worse_than_baseline(baseline_errors: int | None, student_errors: int | None)
     if baseline_errors is None or student_errors is None:
         return None
     b, s = int(baseline_errors), int(student_errors)
-    noise = 2.0 * math.sqrt(b + s)
+    noise = _noise(b, s)
     if s - b <= noise:
         return None
     return (f"the student makes {s} test errors, its hard-label baseline {b}: distillation made it worse by "
@@ -108,7 +113,7 @@ def gap_recovered(baseline_errors: int | None, teacher_errors: int | None,
     if None in (baseline_errors, teacher_errors, student_errors):
         return None, "needs the baseline's, the teacher's and the student's test errors"
     b, t, s = int(baseline_errors), int(teacher_errors), int(student_errors)
-    noise = 2.0 * math.sqrt(b + t)
+    noise = _noise(b, t)
     if b <= t:
         return None, f"the teacher ({t} test errors) is not better than the baseline ({b}): nothing to recover"
     if b - t <= noise:
