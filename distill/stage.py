@@ -193,6 +193,7 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         run_dir.mkdir(parents=True, exist_ok=True)
     phases = None
     feature_info = None
+    taught = _taught_classes(spec, data.num_classes)  # what the after-training check judges
     if features is not None:  # feature methods: the teacher's features computed once, or online every batch
         store, feature_info = _teacher_features(features, cfg, data, spec, x_tr, transfer_info, hashes, device)
         cache_info = {"online": store is None, "reused": feature_info["reused"],
@@ -201,7 +202,7 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         # the path taken stays out of the run key: memory, disk and online train the same student
         result, phases = online.train(method, features, x_tr, y_tr, data.x_val, data.y_val, cfg.train, run_dir,
                                       resume=resume, run_key=run_key(*rkey_parts), progress=progress, store=store,
-                                      check_classes=_taught_classes(spec, data.num_classes))
+                                      check_classes=taught)
         student = features.trainee.student
     else:
         loss_fn, cache_info = _logit_loss_fn(method, teacher, cfg, data, spec, x_tr, transfer_info, hashes,
@@ -209,7 +210,7 @@ def _run(cfg: DistillConfig, run_dir: Path, resume: bool, force: bool, progress:
         result = fit(student, x_tr, y_tr, data.x_val, data.y_val, cfg.train, loss_fn=loss_fn, ckpt_dir=run_dir,
                      resume=resume, run_key=run_key(*rkey_parts, cache_info["key"]), progress=progress,
                      desc="student", on_epoch=lambda e: method.set_epoch(e, cfg.train.epochs),
-                     check_classes=_taught_classes(spec, data.num_classes))
+                     check_classes=taught)
     if rank != 0:
         return run_dir
 
