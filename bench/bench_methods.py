@@ -2,8 +2,8 @@
 
 Trains (or reuses) one teacher and, per seed, a hard-label baseline of the student's
 architecture; then distills the student with every ``--method`` at its paper defaults,
-plus born-again generations and DKD with a 1-epoch warmup (its paper warmup of 20 epochs
-spans the whole of a 20-epoch run). Each job is a single-threaded ``kdens`` process, ``--jobs``
+plus three variants: born-again generations, DKD with a 1-epoch warmup (its paper warmup of
+20 epochs spans the whole of a 20-epoch run) and DIST at its paper's CIFAR-100 setting. Each job is a single-threaded ``kdens`` process, ``--jobs``
 of them at a time (default 1). Reports test errors (mean and sd over seeds), the share of the
 teacher-baseline gap recovered, and the wall time per training epoch relative to ``kd``
 (``train_seconds / epochs_run`` from each run's metrics: the training loop with its
@@ -43,13 +43,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import kdens_child  # noqa: E402
 METHODS = ["kd", "soft", "logits", "fitnets", "fsp", "rkd", "dkd", "dist", "lskd", "tfkd-self", "tfkd-virtual"]
-VARIANTS = {"dkd (warmup=1)": ["--method", "dkd", "--method-arg", "warmup=1"],
-            "born-again kd, 2 generations": ["--method", "kd", "--generations", "2"]}
-
-
-def _slug(name: str) -> str:
-    """A job's run-folder stem and its --methods spelling: "dkd-w1", "born-again" for the variants."""
-    return f"{name.split()[0]}{'-w1' if 'warmup' in name else ''}"
+# variants: --methods spelling (also the run-folder stem) -> (table label, kdens flags)
+VARIANTS = {"dkd-w1": ("dkd (warmup=1)", ["--method", "dkd", "--method-arg", "warmup=1"]),
+            "born-again": ("born-again kd, 2 generations", ["--method", "kd", "--generations", "2"]),
+            # the DIST paper's CIFAR-100 setting (the default is its ImageNet one: tau = beta = gamma = 1)
+            "dist-cifar": ("dist (tau=4, beta=gamma=2)", ["--method", "dist", "--method-arg", "temperature=4",
+                                                           "--method-arg", "beta=2", "--method-arg", "gamma=2"])}
 
 
 def _run_all(todo: list[tuple[str, list[str]]], jobs: int, log: Path, status: dict) -> None:
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--student-model", default="mlp", help="student architecture [mlp]")
     ap.add_argument("--student-arg", action="append", help="student --model-arg (repeatable) [hidden=64 for mlp]")
     ap.add_argument("--student", help="old spelling of one --student-arg")
-    ap.add_argument("--methods", help="comma-separated subset of the methods and variants (dkd-w1, born-again) [all]")
+    ap.add_argument("--methods", help="comma-separated subset of the methods and variants (dkd-w1, born-again, dist-cifar) [all]")
     ap.add_argument("--flags", default="", help="extra kdens flags for every baseline and student, one string")
     ap.add_argument("--jobs", type=int, default=1,
                     help="kdens processes at once, one thread each (per-epoch times are comparable only "
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
     student = ["--model", args.student_model, *(x for a in s_args for x in ("--model-arg", a))]
     student_desc = " ".join([args.student_model, *s_args])
     wanted = args.methods.split(",") if args.methods else None
-    known = METHODS + [_slug(v) for v in VARIANTS]
+    known = METHODS + list(VARIANTS)
     if wanted and not set(wanted) <= set(known):
         raise SystemExit(f"--methods: unknown {sorted(set(wanted) - set(known))}; known: {', '.join(known)}")
     if args.teacher:
@@ -123,14 +122,14 @@ def main(argv=None) -> int:
     todo = [(b.name, ["train-generalist", *student, *common, "--seed", str(seed), "--out", str(b)])
             for seed, b in bases.items()]
     _run_all(todo, args.jobs, log, status)
-    jobs = [(m, ["--method", m]) for m in METHODS] + list(VARIANTS.items())
-    jobs = [j for j in jobs if wanted is None or _slug(j[0]) in wanted]
+    jobs = [(m, m, ["--method", m]) for m in METHODS] + [(k, *v) for k, v in VARIANTS.items()]
+    jobs = [j for j in jobs if wanted is None or j[0] in wanted]
     students = []  # (seed, name, out)
     todo = []
     for seed in seeds:
         base = bases[seed]
-        for name, flags in jobs:
-            out = args.runs / f"{_slug(name)}-s{seed}"
+        for slug, name, flags in jobs:
+            out = args.runs / f"{slug}-s{seed}"
             t = str(base) if name == "tfkd-self" else str(teacher)
             model = [] if name == "tfkd-self" else student  # self-training copies the pretrained student
             todo.append((out.name, ["distill", "--teacher", t, *model, *flags, *common, "--seed", str(seed),
