@@ -3,8 +3,8 @@
 Trains (or reuses) one teacher and, per seed, a hard-label baseline of the student's
 architecture; then distills the student with every ``--method`` at its paper defaults,
 plus three variants: born-again generations, DKD with a 1-epoch warmup (its paper warmup of
-20 epochs spans the whole of a 20-epoch run) and DIST at its paper's CIFAR-100 setting. Each job is a single-threaded ``kdens`` process, ``--jobs``
-of them at a time (default 1). Reports test errors (mean and sd over seeds), the share of the
+20 epochs spans the whole of a 20-epoch run) and DIST at its paper's CIFAR-100 setting. Each
+job is a single-threaded ``kdens`` process, ``--jobs`` of them at a time (default 1). Reports test errors (mean and sd over seeds), the share of the
 teacher-baseline gap recovered, and the wall time per training epoch relative to ``kd``
 (``train_seconds / epochs_run`` from each run's metrics: the training loop with its
 validation pass, the online teacher of feature methods included, kd's one-off soft-target
