@@ -29,9 +29,9 @@ from kdens.data import load_dataset  # noqa: E402
 def softness(log_probs: torch.Tensor, temperature: float) -> dict:
     """Top-class probability, other-class mass and the share of rows with other mass > 1%, at T."""
     # log-probabilities differ from logits by a per-row constant, which the softmax ignores
-    p = torch.softmax(log_probs.double() / temperature, dim=1)
-    other = 1.0 - p.max(dim=1).values
-    return {"temperature": temperature, "mean_top_probability": round(float(p.max(dim=1).values.mean()), 4),
+    top = torch.softmax(log_probs.double() / temperature, dim=1).max(dim=1).values
+    other = 1.0 - top
+    return {"temperature": temperature, "mean_top_probability": round(float(top.mean()), 4),
             "median_other_mass": float(f"{float(other.median()):.3g}"),
             "share_other_mass_over_1pct": round(float((other > 0.01).double().mean()), 4)}
 
