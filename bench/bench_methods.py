@@ -4,8 +4,9 @@ Trains (or reuses) one teacher and, per seed, a hard-label baseline of the stude
 architecture; then distills the student with every ``--method`` at its paper defaults,
 plus three variants: born-again generations, DKD with a 1-epoch warmup (its paper warmup of
 20 epochs spans the whole of a 20-epoch run) and DIST at its paper's CIFAR-100 setting. Each
-job is a single-threaded ``kdens`` process, ``--jobs`` of them at a time (default 1). Reports test errors (mean and sd over seeds), the share of the
-teacher-baseline gap recovered, and the wall time per training epoch relative to ``kd``
+job is a single-threaded ``kdens`` process, ``--jobs`` of them at a time (default 1).
+Reports test errors (mean and sd over seeds), the share of the teacher-baseline gap
+recovered, and the wall time per training epoch relative to ``kd``
 (``train_seconds / epochs_run`` from each run's metrics: the training loop with its
 validation pass, the online teacher of feature methods included, kd's one-off soft-target
 cache build excluded). The tfkd-self teacher is the seed's own hard-label baseline (the
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--student-model", default="mlp", help="student architecture [mlp]")
     ap.add_argument("--student-arg", action="append", help="student --model-arg (repeatable) [hidden=64 for mlp]")
     ap.add_argument("--student", help="old spelling of one --student-arg")
-    ap.add_argument("--methods", help="comma-separated subset of the methods and variants (dkd-w1, born-again, dist-cifar) [all]")
+    ap.add_argument("--methods",
+                    help="comma-separated subset of the methods and variants (dkd-w1, born-again, dist-cifar) [all]")
     ap.add_argument("--flags", default="", help="extra kdens flags for every baseline and student, one string")
     ap.add_argument("--jobs", type=int, default=1,
                     help="kdens processes at once, one thread each (per-epoch times are comparable only "
@@ -130,8 +132,8 @@ def main(argv=None) -> int:
         base = bases[seed]
         for slug, name, flags in jobs:
             out = args.runs / f"{slug}-s{seed}"
-            t = str(base) if name == "tfkd-self" else str(teacher)
-            model = [] if name == "tfkd-self" else student  # self-training copies the pretrained student
+            t = str(base) if slug == "tfkd-self" else str(teacher)
+            model = [] if slug == "tfkd-self" else student  # self-training copies the pretrained student
             todo.append((out.name, ["distill", "--teacher", t, *model, *flags, *common, "--seed", str(seed),
                                     "--baseline", str(base), "--out", str(out)]))
             students.append((seed, name, out))
