@@ -123,6 +123,10 @@ STEPS: dict[str, list] = {
     # issue 14: cached teacher features vs online
     "feature-cache": [[PY, "bench/bench_feature_cache.py", "--data", "fashion-mnist", "--fraction", "0.2", "--epochs",
                        "2", "--threads", "1", "--out", "bench/results/feature_cache.json"]],
+    # issue 14: rkd's angle term, autograd vs the hand-derived gradient, per step (seconds)
+    "rkd": [[PY, "bench/bench_rkd.py", "--out", "bench/results/rkd.json"],
+            [PY, "bench/bench_rkd.py", "--student-width", "64", "--teacher-width", "64", "--out",
+             "bench/results/rkd-64.json"]],
     # issue 17: early stopping against the cosine schedule (old default vs new, ~1 CPU-hour)
     "patience": [[PY, "bench/bench_patience.py", "--runs", "runs/patience", "--out", "bench/results/patience"]],
     # issue 13: the paper's MNIST table, consistent teaching and 3% of the data, 3 seeds (CPU-hours)

@@ -178,7 +178,54 @@ def test_rkd_angles_from_the_gram_matrix_equal_the_explicit_differences():
         torch.testing.assert_close(angles_from_gram(e), want, rtol=0, atol=1e-12)
         torch.testing.assert_close(angles(e), want, rtol=0, atol=1e-12)
         s = e.clone().requires_grad_(True)
-        assert torch.autograd.gradcheck(lambda x: F.smooth_l1_loss(angles_from_gram(x), want.flip(0)), (s,))
+        assert torch.autograd.gradcheck(lambda x, w=want: F.smooth_l1_loss(angles_from_gram(x), w.flip(0)), (s,))
+
+
+def _angle_loss_by_autograd(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    from distill.methods.rkd import angles, angles_from_gram
+
+    return F.smooth_l1_loss(angles_from_gram(s), angles(t).detach())
+
+
+def test_rkd_angle_hand_gradient_equals_autograd():
+    torch.manual_seed(2)
+    for n, ds, dt in ((7, 12, 5), (6, 3, 4), (9, 20, 30)):
+        s = (torch.randn(n, ds, dtype=torch.float64) * 3 + 5).requires_grad_(True)  # offset: centring must cancel it
+        t = torch.randn(n, dt, dtype=torch.float64) * 4
+        want = _angle_loss_by_autograd(s, t)
+        (g_want,) = torch.autograd.grad(want, s)
+        got = rkd_angle(s, t)
+        (g_got,) = torch.autograd.grad(got, s)
+        assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-15)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-15)
+
+
+def test_rkd_angle_float32_batch_of_128_matches_float64():
+    torch.manual_seed(3)
+    s = torch.relu(torch.randn(128, 80)) + 10  # ReLU-like features far from the origin
+    t = torch.relu(torch.randn(128, 120))
+    s64 = s.double().requires_grad_(True)
+    want = _angle_loss_by_autograd(s64, t.double())
+    (g_want,) = torch.autograd.grad(want, s64)
+    s32 = s.clone().requires_grad_(True)
+    got = rkd_angle(s32, t)
+    (g_got,) = torch.autograd.grad(got, s32)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-4)
+    assert ((g_got.double() - g_want).abs().max() / g_want.abs().max()).item() < 1e-4
+
+
+def test_rkd_angle_duplicate_features_give_a_bounded_gradient():
+    """Two equal rows (two identical images, or two all-zero ReLU layers): same loss, no 1/eps blow-up."""
+    torch.manual_seed(4)
+    s = torch.randn(6, 8, dtype=torch.float64)
+    s[3] = s[1]
+    t = torch.randn(6, 4, dtype=torch.float64)
+    t[2] = t[0]
+    s.requires_grad_(True)
+    got = rkd_angle(s, t)
+    (g,) = torch.autograd.grad(got, s)
+    assert got.item() == pytest.approx(_angle_loss_by_autograd(s, t).item(), rel=1e-12)
+    assert torch.isfinite(g).all() and g.abs().max().item() < 1.0
 
 
 def test_feature_losses_gradcheck():
