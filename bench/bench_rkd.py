@@ -5,9 +5,10 @@ backward to the student's features) computed two ways on the same random ReLU fe
 (student 800 wide, teacher 1200, as the MNIST pair; ``--student-width 64 --teacher-width 64``
 for the digits MLPs): the readable definition ``angles`` differentiated by autograd (what
 ``rkd`` trained with before: explicit differences for features no wider than the batch,
-float64 Gram arithmetic otherwise) and ``rkd_angle``, which kdens trains with now. The two are timed alternately, repeat by repeat,
-so that load on the machine hits both alike; reported: the median milliseconds per step of
-each, their ratio, and how far the new loss and gradient are from the old (relative).
+float64 Gram arithmetic otherwise) and ``rkd_angle``, which kdens trains with now. The two
+are timed alternately, repeat by repeat, so that load on the machine hits both alike;
+reported: the median milliseconds per step of each, their ratio, and how far the new loss
+and gradient are from the old (relative).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_rkd.py --out bench/results/rkd.json
 """

@@ -123,7 +123,7 @@ STEPS: dict[str, list] = {
     # issue 14: cached teacher features vs online
     "feature-cache": [[PY, "bench/bench_feature_cache.py", "--data", "fashion-mnist", "--fraction", "0.2", "--epochs",
                        "2", "--threads", "1", "--out", "bench/results/feature_cache.json"]],
-    # issue 14: rkd's angle term, autograd vs the hand-derived gradient, per step (seconds)
+    # issue 14: rkd's angle term per step, autograd vs the hand-derived gradient (about a minute)
     "rkd": [[PY, "bench/bench_rkd.py", "--out", "bench/results/rkd.json"],
             [PY, "bench/bench_rkd.py", "--student-width", "64", "--teacher-width", "64", "--out",
              "bench/results/rkd-64.json"]],
